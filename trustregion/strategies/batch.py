@@ -1,0 +1,133 @@
+"""The typed per-token input every strategy receives, and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenBatch"]
+
+
+@dataclass
+class TokenBatch:
+    """Per-token tensors for one (micro-)batch of sampled responses.
+
+    All per-token tensors are shaped ``[batch, time]``; top-K tensors are ``[batch, time, K]``.
+
+    Attributes:
+        logp: current policy log-prob of each sampled token; carries the gradient.
+        behavior_logp: log-prob the behaviour (rollout) policy gave the sampled token.
+        advantages: ``[batch]`` (one per response) or ``[batch, time]``; treated as constant.
+        mask: 1/True on response tokens that count, 0/False on prompt and padding.
+        old_logp: policy log-prob recomputed without gradient before this round of updates.
+        ref_logp: frozen reference-model log-prob (only needed for a reference-KL penalty).
+        entropy: policy entropy at each position (only needed for an entropy bonus).
+        topk_logp: current policy log-probs of the behaviour policy's top-K ids plus the sampled
+            id. Slots that do not hold a distinct token are ``-inf`` in both top-K tensors.
+        topk_behavior_logp: behaviour log-probs of the same ids.
+    """
+
+    logp: Tensor
+    behavior_logp: Tensor
+    advantages: Tensor
+    mask: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    entropy: Tensor | None = None
+    topk_logp: Tensor | None = None
+    topk_behavior_logp: Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logp.shape
+
+    def token_advantages(self) -> Tensor:
+        """Advantages broadcast to ``[batch, time]``, detached."""
+        adv = self.advantages.detach()
+        if adv.dim() == 1:
+            adv = adv[:, None]
+        return adv.expand(self.shape)
+
+    def bool_mask(self) -> Tensor:
+        return self.mask if self.mask.dtype == torch.bool else self.mask != 0
+
+    def validate(self) -> None:
+        """Check shapes and dtypes (no host synchronisation). Raises ``ValueError``."""
+        if self.logp.dim() != 2:
+            raise ValueError(
+                f"TokenBatch.logp must be shaped [batch, time]; got {tuple(self.logp.shape)}"
+            )
+        shape = tuple(self.logp.shape)
+        for name in ("behavior_logp", "mask", "old_logp", "ref_logp", "entropy"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"TokenBatch.{name} has shape {tuple(value.shape)}, but logp has {shape}; "
+                    "every per-token tensor must be shaped [batch, time] like logp"
+                )
+        adv_shape = tuple(self.advantages.shape)
+        if adv_shape not in (shape, shape[:1]):
+            raise ValueError(
+                f"TokenBatch.advantages has shape {adv_shape}; allowed: [batch] = {shape[:1]} "
+                f"or [batch, time] = {shape}"
+            )
+        for name in ("logp", "behavior_logp", "advantages", "old_logp", "ref_logp", "entropy",
+                     "topk_logp", "topk_behavior_logp"):
+            value = getattr(self, name)
+            if value is not None and not value.is_floating_point():
+                raise ValueError(
+                    f"TokenBatch.{name} has dtype {value.dtype}; it must be a floating-point "
+                    "tensor (float32, bfloat16, float16 or float64)"
+                )
+        if self.mask.is_complex():
+            raise ValueError("TokenBatch.mask must be bool, integer or float 0/1; got complex")
+        topk = (self.topk_logp, self.topk_behavior_logp)
+        if (topk[0] is None) != (topk[1] is None):
+            raise ValueError(
+                "TokenBatch.topk_logp and TokenBatch.topk_behavior_logp go together: "
+                "give both or neither"
+            )
+        if topk[0] is not None and topk[1] is not None:
+            if topk[0].dim() != 3 or tuple(topk[0].shape[:2]) != shape:
+                raise ValueError(
+                    f"TokenBatch.topk_logp has shape {tuple(topk[0].shape)}; "
+                    f"it must be [batch, time, K] with [batch, time] = {shape}"
+                )
+            if topk[0].shape != topk[1].shape:
+                raise ValueError(
+                    f"TokenBatch.topk_behavior_logp has shape {tuple(topk[1].shape)}, "
+                    f"but topk_logp has {tuple(topk[0].shape)}; they must match"
+                )
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming every input that holds NaN or inf, with counts.
+
+        Synchronises with the device, so strategies call it on their first batch only.
+        Masked-out positions are ignored: padding may hold anything.
+        """
+        valid = self.bool_mask()
+        problems = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None or field.name == "mask" or not value.is_floating_point():
+                continue
+            value = value.detach()
+            if field.name == "advantages" and value.dim() == 1:
+                bad = ~torch.isfinite(value) & valid.any(dim=1)
+            elif field.name.startswith("topk_"):
+                # -inf marks an unused top-K slot; only NaN and +inf are errors there.
+                bad = (torch.isnan(value) | (value == float("inf"))) & valid[..., None]
+            else:
+                bad = ~torch.isfinite(value) & valid
+            count = int(bad.sum())
+            if count:
+                nan = int((torch.isnan(value) & bad).sum())
+                problems.append(f"{field.name}: {count} non-finite value(s) ({nan} NaN)")
+        if problems:
+            raise ValueError(
+                "TokenBatch holds non-finite values on unmasked tokens — "
+                + "; ".join(problems)
+                + ". Every input must be finite where mask is 1."
+            )

@@ -1,0 +1,79 @@
+"""CISPO: clipped importance-sampling weights, never zero gradients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from trustregion.functional.masked import masked_mean
+from trustregion.strategies.base import (
+    Anchor,
+    AnchoredTokens,
+    StrategyTerms,
+    TrustRegionStrategy,
+)
+from trustregion.strategies.ratio_clip import check_epsilons
+from trustregion.strategies.registry import register_strategy
+
+__all__ = ["CISPO"]
+
+
+@register_strategy("cispo")
+class CISPO(TrustRegionStrategy):
+    """Clip the importance-sampling weight, not the update (CISPO, MiniMax-M1).
+
+    .. math::
+        \\mathrm{loss}_t = −\\mathrm{sg}(\\mathrm{clip}(r, 1 − ε_{low}, 1 + ε_{high})) Â \\log π,
+        \\qquad w = \\mathrm{clip}(r) / r
+
+    Every token keeps a gradient (w > 0). The only clip that restrains a token moving in the
+    harmful direction is the upper one with Â > 0 (w = (1 + ε_high)/r < 1), so that is what
+    counts as outside the region; the lower clip *raises* the weight of tokens whose probability
+    fell (w = (1 − ε_low)/r > 1). ``clipped_frac`` counts every clipped weight.
+
+    Args:
+        epsilon_low: lower half-width; None (default) leaves the lower side unbounded.
+        epsilon_high: upper half-width (default 0.28).
+        anchor: "behavior" or "old".
+
+    Example:
+        >>> strategy = CISPO(epsilon_high=0.28)
+
+    Reference: MiniMax-M1, arXiv:2506.13585.
+    """
+
+    widths: ClassVar[Mapping[str, int]] = {"epsilon_low": 1, "epsilon_high": 1}
+
+    def __init__(self, epsilon_low: float | None = None, epsilon_high: float = 0.28,
+                 anchor: Anchor = "behavior") -> None:
+        super().__init__(anchor=anchor)
+        check_epsilons(None, epsilon_low, epsilon_high)
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(1 − ε_low, 1 + ε_high); the lower bound is −inf when ε_low is None."""
+        low = -math.inf if self.epsilon_low is None else 1.0 - self.epsilon_low
+        return low, 1.0 + self.epsilon_high
+
+    def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
+        low, high = self.bounds
+        ratio = tokens.ratio.detach()
+        clipped = ratio.clamp(min=low, max=high)
+        adv = tokens.advantages
+        return StrategyTerms(
+            objective=clipped * adv * tokens.logp,
+            weight=clipped / ratio,
+            outside=(adv > 0) & (ratio > high),
+            extras={"clipped_frac": masked_mean((ratio > high) | (ratio < low), tokens.mask)},
+        )
+
+    def boundary_logp(self, anchor_logp: Tensor, advantages: Tensor) -> Tensor | None:
+        bound = anchor_logp + math.log1p(self.epsilon_high)
+        nan = torch.full_like(bound, math.nan)
+        return torch.where((advantages > 0) & (bound < 0), bound, nan)
