@@ -51,7 +51,8 @@ class CISPO(TrustRegionStrategy):
     def __init__(self, epsilon_low: float | None = None, epsilon_high: float = 0.28,
                  anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
-        check_epsilons(None, epsilon_low, epsilon_high)
+        check_epsilons(epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                       optional=("epsilon_low",))
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
 

@@ -51,7 +51,7 @@ class GSPO(TrustRegionStrategy):
     def __init__(self, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4,
                  anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
-        check_epsilons(None, epsilon_low, epsilon_high)
+        check_epsilons(epsilon_low=epsilon_low, epsilon_high=epsilon_high)
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
 

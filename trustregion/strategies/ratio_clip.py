@@ -22,12 +22,13 @@ from trustregion.strategies.registry import register_strategy
 __all__ = ["RatioClip"]
 
 
-def check_epsilons(epsilon: float | None, epsilon_low: float | None,
-                   epsilon_high: float | None) -> None:
-    for name, value in (("epsilon", epsilon), ("epsilon_low", epsilon_low),
-                        ("epsilon_high", epsilon_high)):
-        require(value is None or (value >= 0 and not math.isnan(value)),
-                f"{name} must be ≥ 0 (the clip half-width around ratio 1); got {value}")
+def check_epsilons(*, optional: tuple[str, ...] = (), **epsilons: float | None) -> None:
+    """Each ε must be a number ≥ 0; only the names in ``optional`` may be None."""
+    for name, value in epsilons.items():
+        if value is None and name in optional:
+            continue
+        require(isinstance(value, (int, float)) and value >= 0 and not math.isnan(value),
+                f"{name} must be a number ≥ 0 (the clip half-width around ratio 1); got {value}")
 
 
 @register_strategy("ratio_clip")
@@ -70,7 +71,8 @@ class RatioClip(TrustRegionStrategy):
         anchor: Anchor = "behavior",
     ) -> None:
         super().__init__(anchor=anchor)
-        check_epsilons(epsilon, epsilon_low, epsilon_high)
+        check_epsilons(epsilon=epsilon, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                       optional=("epsilon_low", "epsilon_high"))
         require(dual_clip is None or dual_clip > 1,
                 f"dual_clip must be > 1 (or None to turn it off); got {dual_clip}")
         self.epsilon = epsilon

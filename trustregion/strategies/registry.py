@@ -51,7 +51,9 @@ def register_strategy(name: str) -> Callable[[S], S]:
             raise TypeError(f"register_strategy({name!r}) decorates TrustRegionStrategy "
                             f"subclasses; got {cls!r}")
         existing = _REGISTRY.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
+        same = existing is not None and (existing.__module__, existing.__qualname__) == (
+            cls.__module__, cls.__qualname__)
+        if existing is not None and not same:
             raise ValueError(
                 f"strategy name {name!r} is already taken by {existing.__module__}."
                 f"{existing.__qualname__}; choose another name"

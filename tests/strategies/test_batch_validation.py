@@ -1,0 +1,225 @@
+"""Bad inputs and bad hyperparameters fail early with messages that say what is wrong."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from trustregion.functional import aggregate
+from trustregion.strategies import (
+    CISPO,
+    DRPO,
+    GSPO,
+    SPO,
+    DivergenceMask,
+    LogRatioQuadratic,
+    RatioClip,
+    TokenBatch,
+)
+from trustregion.strategies.base import TrustRegionStrategy
+
+F64 = torch.float64
+P = "trust_region/"
+
+
+def good_batch(**overrides: object) -> TokenBatch:
+    """2 sequences × 3 tokens; the last token of sequence 1 is padding."""
+    fields: dict[str, object] = {
+        "logp": torch.tensor([[-0.5, -1.0, -2.0], [-0.7, -0.2, -3.0]], dtype=F64),
+        "behavior_logp": torch.tensor([[-0.6, -0.9, -2.2], [-0.7, -0.3, -3.0]], dtype=F64),
+        "advantages": torch.tensor([1.0, -0.5], dtype=F64),
+        "mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    }
+    fields.update(overrides)
+    return TokenBatch(**fields)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------- shapes/dtypes
+
+def test_logp_must_be_2d() -> None:
+    batch = good_batch(logp=torch.zeros(2, 3, 1, dtype=F64))
+    message = "TokenBatch.logp must be shaped [batch, time]; got (2, 3, 1)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DRPO()(batch)
+
+
+def test_behavior_logp_shape_mismatch_names_the_tensor() -> None:
+    batch = good_batch(behavior_logp=torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match=re.escape(
+            "TokenBatch.behavior_logp has shape (2, 4), but logp has (2, 3)")):
+        DRPO()(batch)
+
+
+def test_mask_and_old_logp_shape_mismatch_name_the_tensor() -> None:
+    with pytest.raises(ValueError, match=re.escape("TokenBatch.mask has shape (3, 2)")):
+        DRPO()(good_batch(mask=torch.ones(3, 2)))
+    with pytest.raises(ValueError, match=re.escape("TokenBatch.old_logp has shape (2,)")):
+        DRPO()(good_batch(old_logp=torch.zeros(2, dtype=F64)))
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 2), (2, 3, 1), (1, 3)])
+def test_advantages_of_wrong_shape(shape: tuple[int, ...]) -> None:
+    batch = good_batch(advantages=torch.zeros(shape, dtype=F64))
+    with pytest.raises(ValueError, match=re.escape(
+            f"TokenBatch.advantages has shape {shape}; allowed: [batch] = (2,) "
+            "or [batch, time] = (2, 3)")):
+        DRPO()(batch)
+
+
+def test_per_token_advantages_are_accepted() -> None:
+    # [batch, time] advantages equal to the broadcast [batch] ones give the same loss
+    per_seq = DRPO()(good_batch()).token_loss
+    per_token = DRPO()(good_batch(advantages=torch.tensor([[1.0] * 3, [-0.5] * 3],
+                                                          dtype=F64))).token_loss
+    torch.testing.assert_close(per_token, per_seq, atol=0, rtol=0)
+
+
+def test_integer_logp_names_the_dtype() -> None:
+    batch = good_batch(logp=torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=re.escape(
+            "TokenBatch.logp has dtype torch.int64; it must be a floating-point tensor")):
+        DRPO()(batch)
+
+
+def test_integer_advantages_name_the_tensor() -> None:
+    batch = good_batch(advantages=torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match=re.escape("TokenBatch.advantages has dtype torch.int64")):
+        RatioClip()(batch)
+
+
+def test_topk_tensors_go_together() -> None:
+    batch = good_batch(topk_logp=torch.zeros(2, 3, 4, dtype=F64))
+    message = "TokenBatch.topk_logp and TokenBatch.topk_behavior_logp go together"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DRPO()(batch)
+
+
+# ---------------------------------------------------------------------------------- finiteness
+
+def test_nan_in_logp_on_unmasked_tokens_reports_the_count() -> None:
+    logp = torch.tensor([[math.nan, -1.0, math.inf], [-0.7, -0.2, -3.0]], dtype=F64)
+    # two non-finite unmasked values, one of them NaN
+    with pytest.raises(ValueError, match=re.escape("logp: 2 non-finite value(s) (1 NaN)")):
+        DRPO()(good_batch(logp=logp))
+
+
+def test_nan_in_advantages_reports_the_tensor() -> None:
+    with pytest.raises(ValueError, match=re.escape("advantages: 1 non-finite value(s) (1 NaN)")):
+        DRPO()(good_batch(advantages=torch.tensor([math.nan, -0.5], dtype=F64)))
+
+
+def test_every_bad_tensor_is_listed() -> None:
+    logp = torch.tensor([[math.nan, -1.0, -2.0], [-0.7, -0.2, -3.0]], dtype=F64)
+    behavior_logp = torch.tensor([[-0.6, -math.inf, -2.2], [-0.7, math.nan, -3.0]], dtype=F64)
+    with pytest.raises(ValueError) as err:
+        RatioClip()(good_batch(logp=logp, behavior_logp=behavior_logp,
+                               advantages=torch.tensor([1.0, math.inf], dtype=F64)))
+    message = str(err.value)
+    assert "non-finite values on unmasked tokens" in message
+    assert "logp: 1 non-finite value(s) (1 NaN)" in message
+    assert "behavior_logp: 2 non-finite value(s) (1 NaN)" in message
+    assert "advantages: 1 non-finite value(s) (0 NaN)" in message
+
+
+def test_nan_on_masked_tokens_is_accepted() -> None:
+    # position [1, 2] is padding: garbage there is fine and gives exactly zero loss
+    logp = torch.tensor([[-0.5, -1.0, -2.0], [-0.7, -0.2, math.nan]], dtype=F64)
+    behavior_logp = torch.tensor([[-0.6, -0.9, -2.2], [-0.7, -0.3, math.inf]], dtype=F64)
+    batch = good_batch(logp=logp.requires_grad_(True), behavior_logp=behavior_logp)
+    out = DRPO()(batch)
+    clean = DRPO()(good_batch())
+    assert out.token_loss[1, 2].item() == 0.0
+    torch.testing.assert_close(out.token_loss, clean.token_loss, atol=0, rtol=0)
+    out.token_loss.sum().backward()
+    assert batch.logp.grad is not None and batch.logp.grad[1, 2].item() == 0.0
+    # a per-sequence advantage of a fully masked sequence may be NaN as well
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    DRPO()(good_batch(mask=mask, advantages=torch.tensor([1.0, math.nan], dtype=F64)))
+
+
+@pytest.mark.parametrize("strategy", [DRPO(), RatioClip(dual_clip=3.0), DivergenceMask(),
+                                      CISPO(), GSPO(), SPO(), LogRatioQuadratic()],
+                         ids=lambda s: type(s).__name__)
+def test_all_zero_mask_gives_zero_loss_and_finite_metrics(strategy: TrustRegionStrategy) -> None:
+    batch = good_batch(mask=torch.zeros(2, 3), logp=good_batch().logp.requires_grad_(True))
+    out = strategy(batch)
+    assert out.token_loss.tolist() == [[0.0] * 3] * 2
+    assert aggregate(out.token_loss, batch.mask, "token-mean").item() == 0.0
+    out.token_loss.sum().backward()
+    assert batch.logp.grad is not None and bool((batch.logp.grad == 0).all())
+    # every metric is a finite 0 (empty reductions give 0)
+    for name, value in out.metrics.items():
+        assert value.item() == 0.0, name
+
+
+def test_old_anchor_without_old_logp_raises() -> None:
+    with pytest.raises(ValueError, match=re.escape("DRPO(anchor='old') needs TokenBatch.old_logp")):
+        DRPO(anchor="old")(good_batch())
+    with pytest.raises(ValueError, match=re.escape("RatioClip(anchor='old') needs")):
+        RatioClip(anchor="old")(good_batch())
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+@pytest.mark.parametrize(("build", "pattern"), [
+    (lambda: DRPO(delta=0.0), "delta must be > 0"),
+    (lambda: DRPO(delta=-0.1), "delta must be > 0"),
+    (lambda: DRPO(delta=math.nan), "delta must be > 0"),
+    (lambda: DRPO(delta_low=0.0), "delta_low must be > 0"),
+    (lambda: DRPO(delta_high=-1.0), "delta_high must be > 0"),
+    (lambda: DivergenceMask(delta=0.0), "delta must be > 0"),
+    (lambda: DivergenceMask(delta_high=-0.1), "delta_high must be > 0"),
+    (lambda: RatioClip(epsilon=-0.1), "epsilon must be a number ≥ 0"),
+    (lambda: RatioClip(epsilon_low=-0.1), "epsilon_low must be a number ≥ 0"),
+    (lambda: RatioClip(epsilon_high=-0.01), "epsilon_high must be a number ≥ 0"),
+    (lambda: RatioClip(epsilon=math.nan), "epsilon must be a number ≥ 0"),
+    (lambda: CISPO(epsilon_high=-0.1), "epsilon_high must be a number ≥ 0"),
+    (lambda: GSPO(epsilon_low=-1e-4), "epsilon_low must be a number ≥ 0"),
+    (lambda: SPO(epsilon=0.0), "epsilon must be > 0"),
+    (lambda: RatioClip(dual_clip=1.0), "dual_clip must be > 1"),
+    (lambda: RatioClip(dual_clip=0.5), "dual_clip must be > 1"),
+    (lambda: DivergenceMask(divergence="chi2"), "unknown divergence 'chi2'"),  # type: ignore
+    (lambda: DRPO(anchor="reference"), "anchor must be one of"),  # type: ignore[arg-type]
+    (lambda: DivergenceMask(anchor="ref"), "anchor must be one of"),  # type: ignore[arg-type]
+    (lambda: LogRatioQuadratic(beta=0.0), "beta must be a finite number > 0"),
+    (lambda: LogRatioQuadratic(beta=-1.0), "beta must be a finite number > 0"),
+    (lambda: LogRatioQuadratic(beta=math.inf), "beta must be a finite number > 0"),
+    (lambda: DivergenceMask(tis_cap=0.0), "tis_cap must be > 0"),
+    (lambda: DivergenceMask(tis_cap=-5.0), "tis_cap must be > 0"),
+])
+def test_invalid_hyperparameters_raise_at_construction(build, pattern: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(pattern)):
+        build()
+
+
+def test_unknown_divergence_lists_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"'binary_tv', 'binary_kl', 'topk_tv', 'topk_kl'"):
+        DivergenceMask(divergence="tv")  # type: ignore[arg-type]
+
+
+def test_unknown_anchor_names_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=re.escape("('behavior', 'old')")):
+        RatioClip(anchor="behaviour")  # type: ignore[arg-type]
+
+
+def test_valid_edge_hyperparameters_are_accepted() -> None:
+    # ε = 0 (no movement allowed), no dual clip, no truncation cap are all legitimate
+    assert RatioClip(epsilon=0.0).bounds == (1.0, 1.0)
+    assert DivergenceMask(tis_cap=None).tis_cap is None
+    assert RatioClip(dual_clip=None).dual_clip is None
+
+
+@pytest.mark.parametrize(
+    ("factory", "name"),
+    [
+        (lambda: CISPO(epsilon_high=None), "epsilon_high"),  # type: ignore[arg-type]
+        (lambda: GSPO(epsilon_low=None), "epsilon_low"),  # type: ignore[arg-type]
+        (lambda: GSPO(epsilon_high=-0.1), "epsilon_high"),
+    ],
+)
+def test_required_epsilons_reject_none(factory, name) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a number ≥ 0"):
+        factory()
