@@ -188,6 +188,12 @@ class TrustRegionStrategy(abc.ABC):
                               log_ratio=log_ratio, ratio=log_ratio.exp(),
                               advantages=advantages, mask=mask)
 
+    @property
+    def behavior_topk(self) -> int:
+        """How many of the behaviour policy's top log-probs per position this strategy needs
+        (``TokenBatch.topk_*``); 0 for none. The training loop records that many per token."""
+        return 0
+
     def gradient_weight(self, batch: TokenBatch) -> Tensor:
         """Per-token analytic gradient weight, without building a graph (zero where masked)."""
         with torch.no_grad():

@@ -48,6 +48,8 @@ class DivergenceMask(TrustRegionStrategy):
         delta: half-width δ for both directions; default 0.15 for TV, 0.05 for KL.
         delta_low, delta_high: per-direction overrides of ``delta``.
         tis_cap: truncation cap C of the importance weight (None: no cap). Default 10.
+        top_k: K, how many of the behaviour policy's most likely tokens the top-K divergences
+            track per position (the sampled token is always added). Default 8.
         anchor: "behavior" (recommended: "anchoring on the rollout policy is crucial") or "old".
 
     Example:
@@ -66,6 +68,7 @@ class DivergenceMask(TrustRegionStrategy):
         delta_low: float | None = None,
         delta_high: float | None = None,
         tis_cap: float | None = 10.0,
+        top_k: int = 8,
         anchor: Anchor = "behavior",
     ) -> None:
         super().__init__(anchor=anchor)
@@ -78,6 +81,8 @@ class DivergenceMask(TrustRegionStrategy):
                     f"{name} must be > 0 (the trust-region half-width); got {value}")
         require(tis_cap is None or (tis_cap > 0 and not math.isnan(tis_cap)),
                 f"tis_cap must be > 0 or None (no truncation); got {tis_cap}")
+        require(isinstance(top_k, int) and top_k >= 1,
+                f"top_k must be an integer ≥ 1 (tokens tracked per position); got {top_k}")
         require(not (divergence.startswith("topk") and anchor != "behavior"),
                 "top-K divergences are measured against the behaviour policy's top-K "
                 "log-probs; use anchor='behavior'")
@@ -86,6 +91,11 @@ class DivergenceMask(TrustRegionStrategy):
         self.delta_low = delta_low
         self.delta_high = delta_high
         self.tis_cap = tis_cap
+        self.top_k = top_k
+
+    @property
+    def behavior_topk(self) -> int:
+        return self.top_k if self.divergence.startswith("topk") else 0
 
     @property
     def deltas(self) -> tuple[float, float]:

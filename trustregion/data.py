@@ -1,0 +1,50 @@
+"""Prompt batches for RL: an endless, deterministic stream that can resume where it stopped.
+
+Batch ``i`` is always ``task.examples(batch_size, seed=derive_seed(seed, i))``, so a run resumed
+from a checkpoint (which records the next batch index) sees exactly the prompts an uninterrupted
+run would have seen, whatever the data loader prefetched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from trustregion.tasks.base import Example, Task
+
+__all__ = ["PromptBatch", "PromptStream", "derive_seed"]
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible seed for item ``index`` of a run seeded with ``seed``."""
+    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The ``index``-th batch of prompts of a run."""
+
+    index: int
+    examples: list[Example]
+
+
+class PromptStream:
+    """Iterable of :class:`PromptBatch` starting at batch ``start``; endless (set ``max_steps``)."""
+
+    def __init__(self, task: Task, batch_size: int, seed: int = 0, start: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1 prompt; got {batch_size}")
+        self.task = task
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+
+    def batch(self, index: int) -> PromptBatch:
+        return PromptBatch(index, self.task.examples(self.batch_size,
+                                                     seed=derive_seed(self.seed, index)))
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        index = self.start
+        while True:
+            yield self.batch(index)
+            index += 1

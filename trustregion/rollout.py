@@ -1,0 +1,226 @@
+"""Rollouts: sample G completions per prompt from the behaviour model and record what it saw.
+
+The behaviour log-prob of each sampled token is taken from the distribution the token was
+**actually sampled from**: the logits after temperature and after top-k / top-p truncation
+(Hugging Face's processed generation scores), renormalised. With truncation this is larger than
+the policy's tempered log-prob of the same token — the kept tokens share the truncated mass — so
+a truncating sampler shows up as policy/behaviour mismatch (r < 1 on average), exactly as it does
+with a real inference engine. The policy side always uses the same temperature and no truncation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from trustregion.functional.logprobs import gather_logprobs, token_logprobs
+from trustregion.tasks.base import Example
+
+__all__ = [
+    "Rollout",
+    "SamplingSettings",
+    "completion_logits",
+    "encode_prompts",
+    "generate_rollout",
+]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the behaviour model samples.
+
+    Args:
+        temperature: > 0; the policy's log-probs use the same temperature.
+        top_p: nucleus mass in (0, 1]; 1 turns it off.
+        top_k: keep the k most likely tokens; 0 turns it off.
+        max_new_tokens: completion length limit, also the fixed horizon of
+            ``seq-mean-token-sum-norm`` aggregation.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 turns it off); got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0 turns it off); got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1; got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """N = prompts × G sampled completions and everything the update phase needs.
+
+    Per-token tensors are ``[N, T]`` with T the longest completion of this rollout; prompts are
+    left-padded to ``[N, P]``. Top-K tensors are ``[N, T, K + 1]``: the behaviour policy's top-K
+    ids plus the sampled id (−1 where the sampled id is already among them).
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    behavior_logp: Tensor
+    examples: list[Example]
+    completions: list[str]
+    topk_ids: Tensor | None = None
+    topk_behavior_logp: Tensor | None = None
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> Tensor:
+        """Number of counted completion tokens of each sequence."""
+        return self.completion_mask.sum(-1)
+
+    def select(self, index: Tensor) -> Rollout:
+        """The rows in ``index`` (a 1-D long tensor), as a new rollout."""
+        rows = index.tolist()
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                value = value[index]
+            elif isinstance(value, list):
+                value = [value[i] for i in rows]
+            values[field.name] = value
+        return replace(self, **values)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                   chat_template: bool = False) -> tuple[Tensor, Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` for ``prompts``.
+
+    With ``chat_template`` each prompt becomes one user turn of the tokenizer's chat template,
+    followed by the assistant generation prompt.
+    """
+    if chat_template:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True)
+            for p in prompts
+        ]
+        enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def completion_mask_from(ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """True on every token up to and including the first end-of-sequence token."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= ids == eos
+    ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return ~ended_before
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    group_size: int,
+    sampling: SamplingSettings,
+    topk: int = 0,
+    chat_template: bool = False,
+) -> Rollout:
+    """Sample ``group_size`` completions per example with KV-cached ``generate``.
+
+    Args:
+        topk: also record the behaviour policy's top-``topk`` log-probs per position (for top-K
+            divergences); 0 records none.
+    """
+    prompts = [ex.prompt for ex in examples for _ in range(group_size)]
+    repeated = [ex for ex in examples for _ in range(group_size)]
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat_template=chat_template)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    eos_ids = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(  # type: ignore[operator]
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config)
+    finally:
+        model.train(was_training)
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    mask = completion_mask_from(completion_ids, eos_ids)
+    behavior_logp = torch.stack(
+        [token_logprobs(scores, completion_ids[:, t]) for t, scores in enumerate(out.scores)],
+        dim=1,
+    )
+    behavior_logp = torch.where(mask, behavior_logp, torch.zeros_like(behavior_logp))
+    topk_ids = topk_logp = None
+    if topk > 0:
+        topk_ids, topk_logp = _behavior_topk(out.scores, completion_ids, topk)
+    texts = tokenizer.batch_decode(
+        [ids[m].tolist() for ids, m in zip(completion_ids, mask, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=mask, behavior_logp=behavior_logp, examples=repeated, completions=texts,
+        topk_ids=topk_ids, topk_behavior_logp=topk_logp,
+    )
+
+
+def _behavior_topk(scores: Sequence[Tensor], sampled: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    ids, logps = [], []
+    for t, step_scores in enumerate(scores):
+        k_eff = min(k, step_scores.shape[-1])
+        top = step_scores.topk(k_eff, dim=-1).indices
+        token = sampled[:, t:t + 1]
+        extra = torch.where((top == token).any(-1, keepdim=True), -1, token)
+        step_ids = torch.cat([top, extra], dim=-1)
+        ids.append(step_ids)
+        logps.append(gather_logprobs(step_scores, step_ids))
+    return torch.stack(ids, dim=1), torch.stack(logps, dim=1)
+
+
+def completion_logits(model: PreTrainedModel, rollout: Rollout) -> Tensor:
+    """Logits ``[N, T, V]`` of ``model`` at the positions that predict each completion token,
+    with the same left-padding position ids ``generate`` used."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1).long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    length = rollout.completion_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                logits_to_keep=length + 1, use_cache=False)
+    return out.logits[:, :-1]

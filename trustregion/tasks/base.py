@@ -1,0 +1,96 @@
+"""The task contract: examples with a known answer, and a verifiable reward for completions."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
+
+from torch import Tensor
+
+from trustregion.tasks.rewards import RewardFn, exact_match, score
+
+__all__ = ["Example", "Task", "require_int"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and the answer that earns full reward.
+
+    ``meta`` holds whatever else a reward function may need (operands, test cases, ...); it takes
+    no part in hashing.
+    """
+
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+def require_int(name: str, value: object, minimum: int | None = None) -> int:
+    """Check that hyperparameter ``name`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+class Task(abc.ABC):
+    """A source of prompts with verifiable answers.
+
+    Subclasses implement :meth:`sample`; they take their hyperparameters as typed ``__init__``
+    arguments (so that a Lightning CLI config can build them with ``class_path`` /
+    ``init_args``), validate them there and keep each one in an attribute of the same name.
+    The reward is exact match of the extracted answer unless :attr:`reward_function` says
+    otherwise.
+    """
+
+    name: str = "task"
+    """Short name used in logs and metric keys."""
+
+    @abc.abstractmethod
+    def sample(self, rng: random.Random) -> Example:
+        """Draw one example using only ``rng`` for randomness."""
+
+    def examples(self, n: int, seed: int = 0) -> list[Example]:
+        """``n`` examples drawn with ``random.Random(seed)``: the same list for the same seed."""
+        require_int("n", n, minimum=0)
+        rng = random.Random(seed)
+        return [self.sample(rng) for _ in range(n)]
+
+    @property
+    def reward_function(self) -> RewardFn:
+        """The function :meth:`reward` applies (default: :func:`~.rewards.exact_match`)."""
+        return exact_match
+
+    def reward(self, completions: Sequence[str], examples: Sequence[Example]) -> Tensor:
+        """Float32 rewards ``[len(completions)]``, validated by :func:`~.rewards.score`."""
+        return score(self.reward_function, completions, examples)
+
+    def hparams(self) -> dict[str, Any]:
+        """The ``__init__`` arguments this task was built with, as plain config values (tuples
+        become lists, paths strings) so that they serialise to YAML/JSON."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {
+            key: _plain(getattr(self, key))
+            for key, param in params.items()
+            if key != "self"
+            and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+            and hasattr(self, key)
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.hparams().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,201 @@
+"""Built-in synthetic tasks with short, character-level prompts, and a registry by short name.
+
+==============  ==================  =========
+task            prompt              answer
+==============  ==================  =========
+``arithmetic``  ``12+7=``           ``19``
+``digit_sort``  ``sort:312=``       ``123``
+``reverse``     ``rev:abc=``        ``cba``
+==============  ==================  =========
+
+All three score exact match of the extracted answer (see :mod:`trustregion.tasks.rewards`);
+``partial_credit=True`` scores the fraction of correct leading characters instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from trustregion.tasks.base import Example, Task, require_int
+from trustregion.tasks.jsonl import JsonlTask
+from trustregion.tasks.rewards import RewardFn, exact_match, prefix_match
+
+__all__ = [
+    "TASKS",
+    "Arithmetic",
+    "DigitSort",
+    "Reverse",
+    "available_tasks",
+    "get_task",
+]
+
+OPERATIONS: tuple[str, ...] = ("+", "-", "*")
+
+
+def _require_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+def _require_lengths(min_len: object, max_len: object) -> tuple[int, int]:
+    low = require_int("min_len", min_len, minimum=1)
+    high = require_int("max_len", max_len, minimum=1)
+    if high < low:
+        raise ValueError(f"max_len must be >= min_len; got min_len={low}, max_len={high}")
+    return low, high
+
+
+class _AnswerTask(Task):
+    """Shared reward choice of the built-in tasks."""
+
+    partial_credit: bool = False
+
+    @property
+    def reward_function(self) -> RewardFn:
+        return prefix_match if self.partial_credit else exact_match
+
+
+class Arithmetic(_AnswerTask):
+    """Integer arithmetic on two operands: ``"12+7="`` → ``"19"``.
+
+    Args:
+        min_value: smallest operand (>= 0).
+        max_value: largest operand (>= ``min_value``).
+        operations: operators to draw from, uniformly; any of ``+``, ``-``, ``*``. Subtraction
+            may give negative answers (``"3-5="`` → ``"-2"``).
+        partial_credit: reward the fraction of correct leading characters instead of 0/1.
+    """
+
+    name = "arithmetic"
+
+    def __init__(
+        self,
+        min_value: int = 0,
+        max_value: int = 20,
+        operations: Sequence[str] = ("+", "-"),
+        partial_credit: bool = False,
+    ) -> None:
+        self.min_value = require_int("min_value", min_value, minimum=0)
+        self.max_value = require_int("max_value", max_value, minimum=0)
+        if self.max_value < self.min_value:
+            raise ValueError(
+                f"max_value must be >= min_value; got min_value={self.min_value}, "
+                f"max_value={self.max_value}"
+            )
+        if isinstance(operations, str):
+            operations = tuple(operations)
+        ops = tuple(operations)
+        if not ops:
+            raise ValueError(f"operations must name at least one of {', '.join(OPERATIONS)}")
+        unknown = [op for op in ops if op not in OPERATIONS]
+        if unknown:
+            raise ValueError(
+                f"unknown operation(s) {', '.join(map(repr, unknown))}; allowed: "
+                f"{', '.join(map(repr, OPERATIONS))}"
+            )
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"operations must not repeat; got {ops!r}")
+        self.operations = ops
+        self.partial_credit = _require_bool("partial_credit", partial_credit)
+
+    def sample(self, rng: random.Random) -> Example:
+        a = rng.randint(self.min_value, self.max_value)
+        b = rng.randint(self.min_value, self.max_value)
+        op = rng.choice(self.operations)
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        return Example(prompt=f"{a}{op}{b}=", answer=str(value), meta={"a": a, "b": b, "op": op})
+
+
+class DigitSort(_AnswerTask):
+    """Sort a string of digits ascending: ``"sort:312="`` → ``"123"``.
+
+    Args:
+        min_len: fewest digits (>= 1).
+        max_len: most digits (>= ``min_len``); digits are drawn independently, so they may
+            repeat.
+        partial_credit: reward the fraction of correct leading characters instead of 0/1.
+    """
+
+    name = "digit_sort"
+
+    def __init__(self, min_len: int = 3, max_len: int = 5, partial_credit: bool = False) -> None:
+        self.min_len, self.max_len = _require_lengths(min_len, max_len)
+        self.partial_credit = _require_bool("partial_credit", partial_credit)
+
+    def sample(self, rng: random.Random) -> Example:
+        length = rng.randint(self.min_len, self.max_len)
+        digits = "".join(rng.choice("0123456789") for _ in range(length))
+        return Example(prompt=f"sort:{digits}=", answer="".join(sorted(digits)))
+
+
+class Reverse(_AnswerTask):
+    """Reverse a string: ``"rev:abc="`` → ``"cba"``.
+
+    Args:
+        min_len: shortest string (>= 1).
+        max_len: longest string (>= ``min_len``).
+        alphabet: distinct characters to draw from; no whitespace and no ``=``.
+        partial_credit: reward the fraction of correct leading characters instead of 0/1.
+    """
+
+    name = "reverse"
+
+    def __init__(
+        self,
+        min_len: int = 3,
+        max_len: int = 5,
+        alphabet: str = "abcde",
+        partial_credit: bool = False,
+    ) -> None:
+        self.min_len, self.max_len = _require_lengths(min_len, max_len)
+        if not isinstance(alphabet, str) or not alphabet:
+            raise ValueError(f"alphabet must be a non-empty string; got {alphabet!r}")
+        bad = sorted({ch for ch in alphabet if ch.isspace() or ch == "="})
+        if bad:
+            raise ValueError(
+                f"alphabet must not contain whitespace or '='; got {alphabet!r} containing "
+                f"{', '.join(map(repr, bad))}"
+            )
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"alphabet characters must be distinct; got {alphabet!r}")
+        self.alphabet = alphabet
+        self.partial_credit = _require_bool("partial_credit", partial_credit)
+
+    def sample(self, rng: random.Random) -> Example:
+        length = rng.randint(self.min_len, self.max_len)
+        text = "".join(rng.choice(self.alphabet) for _ in range(length))
+        return Example(prompt=f"rev:{text}=", answer=text[::-1])
+
+
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": Arithmetic,
+    "digit_sort": DigitSort,
+    "reverse": Reverse,
+    "jsonl": JsonlTask,
+}
+"""Short name → task class."""
+
+
+def available_tasks() -> list[str]:
+    """Sorted short names accepted by :func:`get_task`."""
+    return sorted(TASKS)
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Build the task registered under ``name`` with the given hyperparameters.
+
+    >>> get_task("arithmetic", max_value=9).sample(random.Random(0)).prompt
+    '6+6='
+    """
+    try:
+        cls = TASKS[name]
+    except (KeyError, TypeError):
+        known = available_tasks()
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(known)}") from None
+    return cls(**kwargs)
