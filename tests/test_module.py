@@ -195,3 +195,26 @@ def test_prompt_longer_than_context_fails_before_any_update(random_model_dir) ->
         _fit(module, steps=1)
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters(),
                                                   strict=True))
+
+
+def test_kl_in_reward_shapes_rewards_instead_of_the_loss(random_model_dir) -> None:
+    module = _module(random_model_dir, kl_coef=0.5, kl_in_reward=True, lr=1e-2)
+    outputs = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, out, batch, batch_idx):
+            outputs.append(out)
+
+    trainer = _fit(module, steps=4, callbacks=[Keep()])
+    assert "penalty/ref_kl" not in trainer.logged_metrics  # no KL term in the loss
+    rollout = outputs[-1]["rollout"]
+    # Σ_t (log μ − log π_ref) per sequence, times β, averaged over sequences
+    seq_kl = torch.where(rollout.completion_mask, rollout.behavior_logp - rollout.ref_logp,
+                         0.0).sum(-1)
+    assert trainer.logged_metrics["reward/kl_penalty"].item() == pytest.approx(
+        0.5 * seq_kl.mean().item(), rel=1e-5)
+    shaped = rollout.rewards - 0.5 * seq_kl
+    groups = shaped.view(-1, 4)
+    expected = ((groups - groups.mean(-1, keepdim=True))
+                / (groups.std(-1, keepdim=True) + 1e-6)).reshape(-1)
+    torch.testing.assert_close(rollout.advantages, expected)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from trustregion.functional.aggregation import (
     step_counts,
 )
 from trustregion.functional.logprobs import gather_logprobs, token_entropy, token_logprobs
+from trustregion.metric_reduction import MetricAccumulator
 from trustregion.models.loading import TINY, load_model
 from trustregion.penalties import EntropyBonus, PenaltyOutput, ReferenceKL
 from trustregion.rollout import Rollout, SamplingSettings, completion_logits, generate_rollout
@@ -92,6 +92,8 @@ class TrustRegionModule(L.LightningModule):
             ``max_new_tokens`` as its fixed horizon.
         temperature, top_p, top_k, max_new_tokens: behaviour sampling settings.
         kl_coef, kl_estimator: reference-KL penalty β and estimator (0 turns it off).
+        kl_in_reward: subtract β · Σ_t (log μ − log π_ref) from each sequence's reward before
+            advantages (the InstructGPT form) instead of adding β · KL to the loss.
         entropy_coef: entropy bonus coefficient (0 turns it off).
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW, linear warm-up, clipping.
         chat_template: wrap prompts in the tokenizer's chat template.
@@ -119,6 +121,7 @@ class TrustRegionModule(L.LightningModule):
         max_new_tokens: int = 16,
         kl_coef: float = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        kl_in_reward: bool = False,
         entropy_coef: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -155,7 +158,7 @@ class TrustRegionModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be ≥ 0; got {warmup_steps}")
         compute_advantages(advantage_estimator, torch.zeros(group_size), group_size)
         self.penalties: list[ReferenceKL | EntropyBonus] = []
-        if kl_coef > 0:
+        if kl_coef > 0 and not kl_in_reward:
             self.penalties.append(ReferenceKL(coef=kl_coef, estimator=kl_estimator))
         elif kl_coef < 0:
             raise ValueError(f"kl_coef must be ≥ 0 (0 turns the penalty off); got {kl_coef}")
@@ -193,6 +196,8 @@ class TrustRegionModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.max_grad_norm = max_grad_norm
         self.chat_template = chat_template
+        self.kl_coef = kl_coef
+        self.kl_in_reward = kl_in_reward
         self.seed = seed
         self.save_hyperparameters(ignore=["trust_region", "task"])
         self.hparams["trust_region"] = {"class": type(self.trust_region).__qualname__,
@@ -238,15 +243,21 @@ class TrustRegionModule(L.LightningModule):
                 topk=self.trust_region.behavior_topk,
                 chat_template=self.chat_template)
         rollout.rewards = self.task.reward(rollout.completions, rollout.examples).to(self.device)
-        advantages = compute_advantages(self.advantage_estimator, rollout.rewards,
-                                        self.group_size)
-        rollout.advantages = advantages.values
-        self._frac_reward_zero_std = advantages.frac_reward_zero_std
         with torch.no_grad():
             if self.trust_region.anchor == "old":
                 rollout.old_logp = self._completion_logp(self.policy, rollout)
             if self.reference is not None:
                 rollout.ref_logp = self._completion_logp(self.reference, rollout)
+        shaped = rollout.rewards
+        self._reward_kl: Tensor | None = None
+        if self.kl_in_reward and rollout.ref_logp is not None:
+            log_ratio = torch.where(rollout.completion_mask,
+                                    rollout.behavior_logp - rollout.ref_logp, 0.0)
+            self._reward_kl = self.kl_coef * log_ratio.sum(-1)
+            shaped = rollout.rewards - self._reward_kl
+        advantages = compute_advantages(self.advantage_estimator, shaped, self.group_size)
+        rollout.advantages = advantages.values
+        self._frac_reward_zero_std = advantages.frac_reward_zero_std
         return rollout
 
     def update(self, rollout: Rollout, index: int
@@ -257,37 +268,44 @@ class TrustRegionModule(L.LightningModule):
         assert isinstance(optimizer, LightningOptimizer)
         assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
         shuffle = torch.Generator().manual_seed(derive_seed(self.seed, 2 * index + 1))
-        micro_size = self.micro_batch_size
         records: list[UpdateRecord] = []
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        n_micro = n_steps = skipped = 0
+        token_metrics = MetricAccumulator()
+        step_losses, grad_norms = [], []
         for _ in range(self.ppo_epochs):
             order = torch.randperm(len(rollout), generator=shuffle).to(self.device)
             for mini_index in order.split(self.mini_batch_size):
-                micro_batches = [rollout.select(i) for i in mini_index.split(micro_size)]
+                micro_batches = [rollout.select(i)
+                                 for i in mini_index.split(self.micro_batch_size)]
                 counts = step_counts([m.completion_mask for m in micro_batches])
+                step_loss = torch.zeros((), device=self.device)
                 for micro in micro_batches:
                     loss, record, metrics = self._micro_step(micro, counts)
                     self.manual_backward(loss)
                     records.append(record)
-                    for key, value in metrics.items():
-                        sums[key] = sums[key] + value
-                    n_micro += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                           self.max_grad_norm)
-                sums["train/grad_norm"] = sums["train/grad_norm"] + grad_norm.detach()
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                else:
-                    skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                n_steps += 1
-                self._after_optimizer_step()
-        metrics = {k: v / (n_steps if k == "train/grad_norm" else n_micro)
-                   for k, v in sums.items()}
-        metrics["train/skipped_steps"] = torch.tensor(float(skipped))
+                    token_metrics.add(metrics, record.batch.mask,
+                                      record.batch.token_advantages())
+                    step_loss = step_loss + loss.detach()
+                step_losses.append(step_loss)
+                grad_norms.append(self._clip_and_step(optimizer, scheduler))
+        norms = torch.stack(grad_norms)
+        metrics = token_metrics.compute()
+        metrics["train/loss"] = torch.stack(step_losses).mean()
+        metrics["train/grad_norm"] = norms[norms.isfinite()].mean() if norms.isfinite().any() \
+            else torch.tensor(float("nan"))
+        metrics["train/skipped_steps"] = (~norms.isfinite()).sum().float()
         return records, metrics
+
+    def _clip_and_step(self, optimizer: LightningOptimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Tensor:
+        """Clip gradients and step, unless the gradient is not finite: then the step is
+        skipped so a NaN or inf never reaches the weights. Returns the pre-clip norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self._after_optimizer_step()
+        return grad_norm.detach()
 
     def _micro_step(self, micro: Rollout, counts: Any
                     ) -> tuple[Tensor, UpdateRecord, dict[str, Tensor]]:
@@ -317,7 +335,6 @@ class TrustRegionModule(L.LightningModule):
             metrics.update(term.metrics)
         loss = aggregate(token_loss, micro.completion_mask, self.aggregation,
                          counts=counts, horizon=self.sampling.max_new_tokens)
-        metrics["train/loss"] = loss.detach()
         detached = TokenBatch(
             logp=logp.detach(), behavior_logp=micro.behavior_logp,
             advantages=micro.advantages, mask=micro.completion_mask, old_logp=micro.old_logp,
@@ -375,6 +392,8 @@ class TrustRegionModule(L.LightningModule):
             "reward/mean": rollout.rewards.mean(),
             "reward/std": rollout.rewards.std(),
             "reward/frac_zero_std": self._frac_reward_zero_std,
+            **({"reward/kl_penalty": self._reward_kl.mean()} if self._reward_kl is not None
+               else {}),
             "response/length_mean": lengths.mean(),
             "response/length_max": lengths.max(),
             "train/lr": torch.tensor(optimizer.param_groups[0]["lr"]),

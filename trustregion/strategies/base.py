@@ -130,12 +130,10 @@ class TrustRegionStrategy(abc.ABC):
     Class attributes a subclass may set:
         widths: hyperparameter name → +1 if a larger value widens the trust region, −1 if a
             smaller one does. Used to loosen or adapt the region (:meth:`scale_width`).
-        sequence_level: True when the trust region acts on whole sequences (GSPO).
     """
 
     registered_name: ClassVar[str | None] = None
     widths: ClassVar[Mapping[str, int]] = {}
-    sequence_level: ClassVar[bool] = False
 
     def __init__(self, anchor: Anchor = "behavior") -> None:
         require(

@@ -46,7 +46,6 @@ class GSPO(TrustRegionStrategy):
     """
 
     widths: ClassVar[Mapping[str, int]] = {"epsilon_low": 1, "epsilon_high": 1}
-    sequence_level = True
 
     def __init__(self, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4,
                  anchor: Anchor = "behavior") -> None:
