@@ -205,6 +205,9 @@ class TrustRegionModule(L.LightningModule):
         self.hparams["task"] = repr(self.task)
         self.steps_since_sync = 0
         self.next_prompt_batch = 0
+        self.record_topk = 0
+        """Record at least this many top-K behaviour log-probs per token, beyond what the
+        strategy needs (callbacks that evaluate other strategies raise it in ``setup``)."""
 
     # ----------------------------------------------------------------------------- data
     def train_dataloader(self) -> PromptStream:
@@ -227,6 +230,9 @@ class TrustRegionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        """One RL iteration. Returns ``{"rollout": Rollout, "updates": [UpdateRecord, ...]}``
+        (all detached) for callbacks: the sampled batch with rewards and advantages, and the
+        per-token inputs and strategy outputs of every micro-batch update."""
         self.next_prompt_batch = batch.index + 1
         rollout = self.rollout(batch)
         records, update_metrics = self.update(rollout, batch.index)
@@ -240,7 +246,7 @@ class TrustRegionModule(L.LightningModule):
             rollout = generate_rollout(
                 self.behavior, self.tokenizer, batch.examples,
                 group_size=self.group_size, sampling=self.sampling,
-                topk=self.trust_region.behavior_topk,
+                topk=max(self.trust_region.behavior_topk, self.record_topk),
                 chat_template=self.chat_template)
         rollout.rewards = self.task.reward(rollout.completions, rollout.examples).to(self.device)
         with torch.no_grad():
