@@ -26,9 +26,12 @@ def _rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure(name: str, batch: int, length: int, repeats: int) -> dict[str, float]:
+def measure(name: str, batch: int, length: int, repeats: int,
+            threads: int | None = None) -> dict[str, float]:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from trustregion.functional import aggregate
     from trustregion.strategies import TokenBatch, get_strategy
 
@@ -67,10 +70,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--time", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.batch, args.time, args.repeats)))
+        print(json.dumps(measure(args.one, args.batch, args.time, args.repeats, args.threads)))
         return
 
     from trustregion.strategies import available_strategies
@@ -79,10 +84,12 @@ def main() -> None:
     for name in available_strategies():
         cmd = [sys.executable, __file__, "--one", name, "--batch", str(args.batch),
                "--time", str(args.time), "--repeats", str(args.repeats)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         results[name] = json.loads(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
     base = results["pg_is"]
     print(f"B={args.batch} T={args.time}, forward+backward incl. metrics, median of "
-          f"{args.repeats} (CPU, {_threads()} threads)")
+          f"{args.repeats} (CPU, {args.threads or _threads()} threads)")
     print(f"{'strategy':<16}{'ms':>9}{'× pg_is':>9}{'peak MiB':>10}{'× pg_is':>9}")
     for name, r in results.items():
         print(f"{name:<16}{r['ms']:>9.2f}{r['ms'] / base['ms']:>9.2f}{r['peak_mib']:>10.1f}"
