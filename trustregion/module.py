@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegion
 from trustregion.tasks import Arithmetic, Task
 
 __all__ = ["TrustRegionModule", "UpdateRecord"]
+
+# The behaviour and reference models are frozen in eval mode on purpose, and a checkpoint taken
+# after an RL iteration is meant to hold the updated weights: Lightning's generic warnings about
+# both would only mislead here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 @dataclass
