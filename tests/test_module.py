@@ -218,3 +218,39 @@ def test_kl_in_reward_shapes_rewards_instead_of_the_loss(random_model_dir) -> No
     expected = ((groups - groups.mean(-1, keepdim=True))
                 / (groups.std(-1, keepdim=True) + 1e-6)).reshape(-1)
     torch.testing.assert_close(rollout.advantages, expected)
+
+
+def test_non_finite_gradient_never_reaches_weights_or_optimizer(random_model_dir) -> None:
+    module = _module(random_model_dir, lr=1e-2)
+    state: dict[str, object] = {}
+
+    class PoisonSecondIteration(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                state["params"] = [p.detach().clone() for p in pl_module.policy.parameters()]
+                state["adam"] = {k: v["exp_avg"].clone() for k, v in
+                                 pl_module.optimizers().optimizer.state.items()}
+                original = pl_module._micro_step
+
+                def poisoned(micro, counts):
+                    loss, record, metrics = original(micro, counts)
+                    return loss * float("nan"), record, metrics
+
+                pl_module._micro_step = poisoned
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                del pl_module._micro_step
+                state["after_params"] = [p.detach().clone() for p in pl_module.policy.parameters()]
+                state["after_adam"] = {k: v["exp_avg"].clone() for k, v in
+                                       pl_module.optimizers().optimizer.state.items()}
+                state["skipped"] = float(trainer.callback_metrics["train/skipped_steps"])
+
+    trainer = _fit(module, steps=6, callbacks=[PoisonSecondIteration()])
+    assert trainer.global_step == 6  # 3 iterations × 2 steps: the empty steps count
+    assert state["skipped"] == 2.0
+    for before, after in zip(state["params"], state["after_params"], strict=True):
+        assert torch.equal(before, after)
+    for key, value in state["adam"].items():
+        assert torch.equal(value, state["after_adam"][key])
+    assert all(p.isfinite().all() for p in module.policy.parameters())

@@ -310,11 +310,13 @@ class TrustRegionModule(L.LightningModule):
 
     def _clip_and_step(self, optimizer: LightningOptimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> Tensor:
-        """Clip gradients and step, unless the gradient is not finite: then the step is
-        skipped so a NaN or inf never reaches the weights. Returns the pre-clip norm."""
+        """Clip gradients and step. A non-finite gradient is dropped first, so a NaN or inf never
+        reaches the weights or the optimiser's moments; the (empty) step still counts towards
+        ``max_steps``. Returns the pre-clip norm."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are skipped
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self._after_optimizer_step()
