@@ -71,12 +71,16 @@ def test_topk_records_behaviour_top_ids_plus_the_sampled_token(random_model_dir)
     ids, logp = rollout.topk_ids, rollout.topk_behavior_logp
     assert ids.shape == (*rollout.completion_ids.shape, 3)  # K = 2 tracked + the sampled slot
     sampled = rollout.completion_ids
-    in_top = (ids[..., :2] == sampled[..., None]).any(-1)
-    # the extra slot holds the sampled id, or −1 (log-prob −inf) when it is already tracked
-    assert bool(torch.where(in_top, ids[..., 2] == -1, ids[..., 2] == sampled).all())
-    assert bool((logp[..., 2][in_top] == -math.inf).all())
+    mask = rollout.completion_mask
+    # the last slot always holds the sampled id and its behaviour log-prob
+    assert bool((ids[..., 2] == sampled).all())
+    torch.testing.assert_close(logp[..., 2][mask], rollout.behavior_logp[mask])
+    # the tracked slots are the top-2 ids in order, the sampled one blanked to −1 (log-prob −inf)
     top2 = logits.topk(2, dim=-1).indices
-    assert bool((ids[..., :2] == top2)[rollout.completion_mask].all())
+    is_sampled = top2 == sampled[..., None]
+    assert bool(torch.where(is_sampled, ids[..., :2] == -1, ids[..., :2] == top2)[mask].all())
+    assert bool((logp[..., :2][is_sampled & mask[..., None]] == -math.inf).all())
+    assert bool(is_sampled[mask].any())  # the sampled token is often the top one
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["strategies"]:
         print(describe_strategies())
         return
+    if args[:1] == ["plot"]:
+        from trustregion.plots import plot_command  # matplotlib only when plotting
+
+        plot_command(args[1:])
+        return
     TrustRegionCLI(args=None if argv is None else args)
 
 

@@ -64,7 +64,8 @@ class Rollout:
 
     Per-token tensors are ``[N, T]`` with T the longest completion of this rollout; prompts are
     left-padded to ``[N, P]``. Top-K tensors are ``[N, T, K + 1]``: the behaviour policy's top-K
-    ids plus the sampled id (−1 where the sampled id is already among them).
+    ids in descending probability, with the sampled id blanked to −1 where it is among them, then
+    the sampled id in the last slot (the layout ``TokenBatch.topk_slots`` reads).
     """
 
     prompt_ids: Tensor
@@ -207,8 +208,9 @@ def _behavior_topk(scores: Sequence[Tensor], sampled: Tensor, k: int) -> tuple[T
         k_eff = min(k, step_scores.shape[-1])
         top = step_scores.topk(k_eff, dim=-1).indices
         token = sampled[:, t:t + 1]
-        extra = torch.where((top == token).any(-1, keepdim=True), -1, token)
-        step_ids = torch.cat([top, extra], dim=-1)
+        # The sampled id always takes the last slot; a tracked slot holding it is blanked, so any
+        # prefix of the tracked slots plus the last one is a smaller top-K record.
+        step_ids = torch.cat([torch.where(top == token, -1, top), token], dim=-1)
         ids.append(step_ids)
         logps.append(gather_logprobs(step_scores, step_ids))
     return torch.stack(ids, dim=1), torch.stack(logps, dim=1)

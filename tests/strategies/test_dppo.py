@@ -164,6 +164,27 @@ def test_topk_divergences(divergence: str) -> None:
                                                     dtype=F64), atol=1e-12, rtol=0)
 
 
+def test_topk_reads_only_its_own_k_of_a_larger_record() -> None:
+    # A record made for K = 2 (another consumer asked for it): two tracked ids in descending ν,
+    # then the sampled id in the last slot. ν = [0.5, 0.3 | 0.1], π = [0.5, 0.1 | 0.2], Â > 0.
+    record = {"nu": [0.1], "pi": [0.2], "adv": [1.0],
+              "topk_nu": [[0.5, 0.3, 0.1]], "topk_pi": [[0.5, 0.1, 0.2]]}
+    # top_k = 2 reads every slot: ν_rest = 0.1, π_rest = 0.2
+    #   TV = ½(0 + 0.2 + 0.1 + 0.1) = 0.2 > 0.15 and π > ν for Â > 0 → dropped
+    wide = DivergenceMask(divergence="topk_tv", top_k=2)
+    assert wide.divergence_of(wide.prepare(one_token_batch(**record))).item() \
+        == pytest.approx(0.2, abs=1e-6)
+    assert wide(one_token_batch(**record)).outside.item()
+    # top_k = 1 reads slot 0 and the sampled slot: ν = [0.5 | 0.1], rest 0.4; π = [0.5 | 0.2],
+    # rest 0.3:  TV = ½(0 + 0.1 + 0.1) = 0.1 ≤ 0.15 → kept, as on a record made for K = 1
+    narrow = DivergenceMask(divergence="topk_tv", top_k=1)
+    assert narrow.divergence_of(narrow.prepare(one_token_batch(**record))).item() \
+        == pytest.approx(0.1, abs=1e-6)
+    assert not narrow(one_token_batch(**record)).outside.item()
+    own = one_token_batch([0.1], [0.2], [1.0], topk_nu=[[0.5, 0.1]], topk_pi=[[0.5, 0.2]])
+    assert narrow.divergence_of(narrow.prepare(own)).item() == pytest.approx(0.1, abs=1e-6)
+
+
 def test_topk_without_topk_tensors_raises() -> None:
     batch = one_token_batch([0.5], [0.6], [1.0])
     with pytest.raises(ValueError, match="topk_logp"):

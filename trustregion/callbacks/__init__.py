@@ -1,5 +1,17 @@
 """Lightning callbacks that watch an RL run."""
 
+from trustregion.callbacks.collapse_guard import CollapseGuard
+from trustregion.callbacks.controller import TrustRegionController
+from trustregion.callbacks.drift_monitor import DriftMonitor
+from trustregion.callbacks.drift_plots import DriftPlots
 from trustregion.callbacks.reward_summary import RewardSummary
+from trustregion.callbacks.shadow import ShadowStrategies
 
-__all__ = ["RewardSummary"]
+__all__ = [
+    "CollapseGuard",
+    "DriftMonitor",
+    "DriftPlots",
+    "RewardSummary",
+    "ShadowStrategies",
+    "TrustRegionController",
+]

@@ -25,7 +25,9 @@ class TokenBatch:
         ref_logp: frozen reference-model log-prob (only needed for a reference-KL penalty).
         entropy: policy entropy at each position (only needed for an entropy bonus).
         topk_logp: current policy log-probs of the behaviour policy's top-K ids plus the sampled
-            id. Slots that do not hold a distinct token are ``-inf`` in both top-K tensors.
+            id. Slots that do not hold a distinct token are ``-inf`` in both top-K tensors. The
+            training loop records the tracked ids in descending behaviour probability and the
+            sampled id in the last slot, so :meth:`topk_slots` can narrow a record to a smaller K.
         topk_behavior_logp: behaviour log-probs of the same ids.
     """
 
@@ -42,6 +44,20 @@ class TokenBatch:
     @property
     def shape(self) -> torch.Size:
         return self.logp.shape
+
+    def topk_slots(self, k: int) -> tuple[Tensor, Tensor]:
+        """``(topk_logp, topk_behavior_logp)`` narrowed to the first ``k`` tracked slots and the
+        last (sampled) slot when more than ``k + 1`` were recorded (another consumer asked for a
+        larger K); unchanged otherwise. Raises ``ValueError`` when the batch has no top-K data."""
+        if self.topk_logp is None or self.topk_behavior_logp is None:
+            raise ValueError(
+                "this needs TokenBatch.topk_logp and TokenBatch.topk_behavior_logp (log-probs of "
+                "the behaviour policy's top-K token ids plus the sampled id)")
+        if self.topk_logp.shape[-1] <= k + 1:
+            return self.topk_logp, self.topk_behavior_logp
+        return (torch.cat([self.topk_logp[..., :k], self.topk_logp[..., -1:]], dim=-1),
+                torch.cat([self.topk_behavior_logp[..., :k], self.topk_behavior_logp[..., -1:]],
+                          dim=-1))
 
     def token_advantages(self) -> Tensor:
         """Advantages broadcast to ``[batch, time]``, detached."""

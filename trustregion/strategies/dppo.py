@@ -119,7 +119,7 @@ class DivergenceMask(TrustRegionStrategy):
                     "token ids plus the sampled id); pass them, or use a binary divergence"
                 )
             fn = topk_tv if self.divergence == "topk_tv" else topk_kl
-            return fn(batch.topk_logp, batch.topk_behavior_logp).to(tokens.ratio.dtype)
+            return fn(*batch.topk_slots(self.top_k)).to(tokens.ratio.dtype)
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
         low, high = self.deltas

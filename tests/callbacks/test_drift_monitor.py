@@ -1,0 +1,275 @@
+"""DriftMonitor: exact keys, hand-derived values, micro-batch and cross-rank reduction.
+
+The hand-built batch (2 sequences × 3 positions, the last position of sequence 2 is padding
+holding NaN) has five response tokens:
+
+| token | seq | Â | μ | π | r = π/μ | abs(π − μ) | log r | entropy |
+|---|---|---|---|---|---|---|---|---|
+| a | 1 | +1 | 0.6 | 0.6 | 1 | 0 | 0 | 1.0 |
+| b | 1 | +1 | 0.25 | 0.5 | 2 | 0.25 | ln 2 | 2.0 |
+| c | 1 | +1 | 0.4 | 0.2 | 0.5 | 0.2 | −ln 2 | 3.0 |
+| d | 2 | −1 | 0.005 | 0.01 | 2 | 0.005 | ln 2 | 0.5 |
+| e | 2 | −1 | 0.8 | 0.2 | 0.25 | 0.6 | −2 ln 2 | 1.5 |
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from trustregion.callbacks import DriftMonitor
+from trustregion.metrics import PairDrift, linear_quantile
+from trustregion.strategies import DRPO, DivergenceMask, TokenBatch, TrustRegionStrategy
+
+LN2 = math.log(2)
+NAN = float("nan")
+
+PI = [[0.6, 0.5, 0.2], [0.01, 0.2, NAN]]
+MU = [[0.6, 0.25, 0.4], [0.005, 0.8, NAN]]
+ENTROPY = [[1.0, 2.0, 3.0], [0.5, 1.5, NAN]]
+MASK = [[1, 1, 1], [1, 1, 0]]
+ADVANTAGES = [1.0, -1.0]
+
+BEHAVIOR = {
+    # abs(π − μ) = [0, 0.25, 0.2, 0.005, 0.6]: Σ = 1.055 over N = 5 tokens.
+    "tv_mean": 1.055 / 5,
+    # sorted [0, 0.005, 0.2, 0.25, 0.6]; position 0.99 · (5 − 1) = 3.96 →
+    # 0.25 + 0.96 · (0.6 − 0.25) = 0.586.
+    "tv_p99": 0.586,
+    "tv_max": 0.6,
+    # k1 = log r = [0, ln2, −ln2, ln2, −2 ln2]: Σ = −ln2.
+    "kl_k1": -LN2 / 5,
+    # k3 = 1/r + log r − 1 (x = −log r): a 0, b ln2 − 1/2, c 1 − ln2, d ln2 − 1/2,
+    # e 3 − 2 ln2: Σ = 3 − ln2.
+    "kl_k3": (3 - LN2) / 5,
+    # r = [1, 2, 0.5, 2, 0.25]: Σr = 5.75, Σr² = 1 + 4 + 0.25 + 4 + 0.0625 = 9.3125.
+    "chi2": 9.3125 / 5 - 1,                 # 0.8625
+    "ess": 5.75**2 / (5 * 9.3125),          # 33.0625 / 46.5625 = 0.71007
+    "ratio_min": 0.25,
+    "ratio_mean": 5.75 / 5,                 # 1.15
+    "ratio_max": 2.0,
+    # x = log μ − log π per sequence: seq 1 [0, −ln2, ln2] → mean 0;
+    # seq 2 [−ln2, 2 ln2] → mean ln2/2; mean over the 2 sequences: ln2/4.
+    "log_ppl_diff": LN2 / 4,
+}
+NO_DRIFT = {  # π against itself
+    "tv_mean": 0.0, "tv_p99": 0.0, "tv_max": 0.0, "kl_k1": 0.0, "kl_k3": 0.0, "chi2": 0.0,
+    "ess": 1.0, "ratio_min": 1.0, "ratio_mean": 1.0, "ratio_max": 1.0, "log_ppl_diff": 0.0,
+}
+ENTROPY_MEAN = (1.0 + 2.0 + 3.0 + 0.5 + 1.5) / 5   # 1.6; the NaN pad is masked out
+
+REGION_KEYS = [f"region/{event}{group}"
+               for event in ("outside_frac", "zero_weight_frac", "negative_weight_frac")
+               for group in ("", "_pos_adv", "_neg_adv", "_nu_0_0.01", "_nu_0.01_0.1",
+                             "_nu_0.1_0.5", "_nu_0.5_1")]
+PAIR_STATS = ["tv_mean", "tv_p99", "tv_max", "kl_k1", "kl_k3", "chi2", "ess", "ratio_min",
+              "ratio_mean", "ratio_max", "log_ppl_diff"]
+
+
+def hand_batch(rows: slice = slice(None), *, old: bool = True, ref: bool = True) -> TokenBatch:
+    """The table's batch (or some of its sequences); π_old = μ and π_ref = π when present."""
+    logp = torch.tensor(PI).log()[rows]
+    behavior = torch.tensor(MU).log()[rows]
+    return TokenBatch(
+        logp=logp, behavior_logp=behavior, advantages=torch.tensor(ADVANTAGES)[rows],
+        mask=torch.tensor(MASK)[rows], old_logp=behavior.clone() if old else None,
+        ref_logp=logp.clone() if ref else None, entropy=torch.tensor(ENTROPY)[rows])
+
+
+def record(batch: TokenBatch, strategy: TrustRegionStrategy | None = None) -> SimpleNamespace:
+    """An UpdateRecord as training_step returns it: detached batch and the strategy's output."""
+    return SimpleNamespace(batch=batch, output=(strategy or DRPO())(batch))
+
+
+def values_of(monitor: DriftMonitor) -> dict[str, float]:
+    return {k: float(v) for k, v in monitor.compute().items()}
+
+
+def assert_values(got: dict[str, float], expected: dict[str, float], prefix: str = "") -> None:
+    for key, value in expected.items():
+        assert got[prefix + key] == pytest.approx(value, rel=1e-5, abs=1e-6), prefix + key
+
+
+def test_pair_drift_entropy_and_keys_on_hand_built_batch() -> None:
+    monitor = DriftMonitor()
+    monitor.update(**vars(record(hand_batch())))
+    got = values_of(monitor)
+    assert list(got) == DriftMonitor.metric_names(["behavior", "old", "ref"])
+    assert len(got) == 3 * 11 + 1 + 21
+    assert_values(got, BEHAVIOR, "drift/behavior/")
+    assert_values(got, BEHAVIOR, "drift/old/")      # π_old = μ here
+    assert_values(got, NO_DRIFT, "drift/ref/")      # π_ref = π here
+    assert got["drift/entropy"] == pytest.approx(ENTROPY_MEAN)
+
+
+def test_only_pairs_present_in_the_batch_are_logged() -> None:
+    monitor = DriftMonitor()
+    monitor.update(**vars(record(hand_batch(old=False, ref=False))))
+    assert list(monitor.compute()) == DriftMonitor.metric_names(["behavior"])
+    assert DriftMonitor.metric_names([], entropy=False) == REGION_KEYS
+    with pytest.raises(ValueError, match="unknown drift pair"):
+        DriftMonitor.metric_names(["reference"])
+
+
+# Region fractions: outside, zero weight, negative weight — over all 5 tokens, over Â > 0
+# {a, b, c}, Â < 0 {d, e}, and μ buckets [0, .01) {d}, [.01, .1) {} (empty → 0),
+# [.1, .5) {b, c}, [.5, 1] {a, e}.
+#
+# DRPO δ = 0.15: w = 1 − sign(Â)(π − μ)/δ, outside when sign(Â)(π − μ) > δ:
+#   a 1; b 1 − 0.25/0.15 = −2/3 (out); c 1 + 0.2/0.15 = 7/3; d 1 + 0.005/0.15 = 31/30;
+#   e 1 − 0.6/0.15 = −3 (out). Outside = negative = {b, e}, zero = {}.
+# DPPO binary TV δ = 0.15: drop b (Â > 0, π − μ = 0.25 > δ) and e (Â < 0, π − μ = −0.6 < −δ);
+#   w = 1 elsewhere (r ≤ 2 < cap 10). Outside = zero = {b, e}, negative = {}.
+_B_E = [2 / 5, 1 / 3, 1 / 2, 0.0, 0.0, 1 / 2, 1 / 2]   # the fractions of the set {b, e}
+_NONE = [0.0] * 7
+
+
+@pytest.mark.parametrize(("strategy", "outside", "zero", "negative"), [
+    (DRPO(delta=0.15), _B_E, _NONE, _B_E),
+    (DivergenceMask(divergence="binary_tv", delta=0.15), _B_E, _B_E, _NONE),
+])
+def test_region_fractions_by_sign_and_bucket(strategy, outside, zero, negative) -> None:
+    monitor = DriftMonitor()
+    monitor.update(**vars(record(hand_batch(), strategy)))
+    got = values_of(monitor)
+    assert_values(got, dict(zip(REGION_KEYS, outside + zero + negative, strict=True)))
+
+
+def test_micro_batches_reduce_to_the_whole_batch() -> None:
+    whole = DriftMonitor()
+    whole.update(**vars(record(hand_batch())))
+    split = DriftMonitor()
+    for rows in (slice(0, 1), slice(1, 2)):  # one sequence per micro-batch: 3 and 2 tokens
+        split.update(**vars(record(hand_batch(rows))))
+    assert values_of(split) == pytest.approx(values_of(whole), rel=1e-6, abs=1e-7)
+    # ... and not the mean of the micro-batch means: (0.45/3 + 0.605/2) / 2 = 0.22625.
+    assert values_of(split)["drift/behavior/tv_mean"] == pytest.approx(0.211)
+
+
+def test_empty_mask_gives_zeros() -> None:
+    batch = hand_batch()
+    batch.mask = torch.zeros_like(batch.mask)
+    monitor = DriftMonitor()
+    monitor.update(**vars(record(batch)))
+    got = values_of(monitor)
+    assert all(math.isfinite(v) for v in got.values())
+    assert all(v == 0 for k, v in got.items())
+
+
+def test_linear_quantile_matches_torch() -> None:
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.5, 0.99, 1.0):
+        assert float(linear_quantile(values, q)) == pytest.approx(
+            float(torch.quantile(values, q, interpolation="linear")))
+    assert float(linear_quantile(torch.zeros(0), 0.99)) == 0.0
+
+
+def test_pair_drift_is_accurate_for_a_tiny_drift() -> None:
+    # log r = ±1e-6 on two tokens: r − 1 ≈ ±1e-6, χ² = E[r²] − 1 ≈ E[(r−1)²] + 2E[r−1] = 1e-12
+    metric = PairDrift()
+    metric.update(torch.tensor([[1e-6, -1e-6]], dtype=torch.float64) + math.log(0.5),
+                  torch.full((1, 2), math.log(0.5), dtype=torch.float64), torch.ones(1, 2))
+    assert float(metric.compute()["chi2"]) == pytest.approx(1e-12, rel=1e-3)
+
+
+class _Module:
+    """Stands in for the LightningModule: records what is logged."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def log_dict(self, values: dict[str, Any], **kwargs: Any) -> None:
+        self.logged.append((dict(values), kwargs))
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.logged.append(({name: value}, kwargs))
+
+
+def test_on_train_batch_end_logs_every_n_steps_then_resets() -> None:
+    monitor, module = DriftMonitor(every_n_steps=2), _Module()
+    first = {"rollout": None, "updates": [record(hand_batch(slice(0, 1)))]}
+    second = {"rollout": None, "updates": [record(hand_batch(slice(1, 2)))]}
+    monitor.on_train_batch_end(None, module, first, None, 0)  # type: ignore[arg-type]
+    assert module.logged == []
+    monitor.on_train_batch_end(None, module, second, None, 1)  # type: ignore[arg-type]
+    (values, kwargs), (kl, kl_kwargs), (outside, outside_kwargs) = module.logged
+    assert kwargs == {"on_step": True, "on_epoch": False, "sync_dist": False, "batch_size": 1}
+    assert list(values) == DriftMonitor.metric_names(["behavior", "old", "ref"])
+    assert_values({k: float(v) for k, v in values.items()}, BEHAVIOR, "drift/behavior/")
+    assert float(kl["kl"]) == pytest.approx(BEHAVIOR["kl_k3"])
+    assert float(outside["outside"]) == pytest.approx(0.4)
+    assert kl_kwargs["prog_bar"] and not kl_kwargs["logger"] and outside_kwargs["prog_bar"]
+    assert not any(m.update_called for m in monitor._metrics())  # reset after logging
+    monitor.on_train_batch_end(None, module, {"rollout": None}, None, 2)  # type: ignore[arg-type]
+    monitor.on_train_batch_end(None, module, None, None, 3)  # type: ignore[arg-type]
+    assert len(module.logged) == 3  # nothing to log without updates
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_every_n_steps_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="every_n_steps must be an integer"):
+        DriftMonitor(every_n_steps=bad)
+
+
+# ----------------------------------------------------------------------- two processes
+class _HandBuiltUpdates(L.LightningModule):
+    """Returns, on rank 0, sequence 1 of the table (3 tokens) and, on rank 1, sequence 2
+    (2 tokens) as its update records; nothing is trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # DDP needs a parameter
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(list(range(2)), batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        rank = self.global_rank
+        return {"updates": [record(hand_batch(slice(rank, rank + 1)))]}
+
+
+class _SaveMetrics(L.Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save(metrics, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_fork needs os.fork")
+def test_two_ranks_reduce_to_the_concatenated_tokens(tmp_path) -> None:
+    # ddp_fork, not ddp_spawn: the same launcher and gloo process group, but the two workers
+    # inherit the imported modules instead of importing torch and Lightning again (seconds
+    # instead of 10-25 s on a 2-core machine). The hand-built tensors are far too small for
+    # any intra-op thread pool, so forking after other tests is safe.
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp_fork", devices=2, max_epochs=1,
+                        limit_train_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DriftMonitor(), _SaveMetrics(tmp_path)])
+    trainer.fit(_HandBuiltUpdates())
+    expected = DriftMonitor()
+    expected.update(**vars(record(hand_batch())))
+    single = values_of(expected)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got) == set(single) | {"kl", "outside"}
+        assert {k: got[k] for k in single} == pytest.approx(single, rel=1e-6, abs=1e-7)
+    # global token mean, not the mean of the rank means (0.45/3 + 0.605/2) / 2 = 0.22625;
+    # tv_max from rank 1, ratio_min from rank 1, ratio_max reached on both.
+    assert got["drift/behavior/tv_mean"] == pytest.approx(0.211)
+    assert got["drift/behavior/tv_max"] == pytest.approx(0.6)
+    assert got["drift/behavior/tv_p99"] == pytest.approx(0.586)
+    assert got["drift/behavior/log_ppl_diff"] == pytest.approx(LN2 / 4)

@@ -1,0 +1,318 @@
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import DigitRichArithmetic
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.image import imread
+
+from trustregion.callbacks import DriftPlots
+from trustregion.cli import main
+from trustregion.module import TrustRegionModule
+from trustregion.plots import (
+    TOKEN_SAMPLE_COLUMNS,
+    find_metrics_csv,
+    load_metrics,
+    load_token_samples,
+    plot_drift_panel,
+    plot_reward,
+    plot_weight_vs_shift,
+    render_run,
+    strategy_label,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# A Lightning-style metrics.csv: one row per step, some cells empty, a NaN-only column and
+# only a subset of the keys a run can log.
+METRICS_CSV = """\
+epoch,reward/mean,reward/std,step,trust_region/outside_frac,drift/behavior/kl_k3,response/length_mean
+0,0.25,0.5,0,0.0,nan,3.0
+0,,0.4,1,0.125,nan,
+0,0.5,,2,0.25,nan,3.5
+"""
+
+
+def _write_run(root: Path, version: int, rows: int = 40) -> Path:
+    """A run directory laid out like the quickstart's, with a longer generated metrics.csv."""
+    directory = root / "csv" / f"version_{version}"
+    directory.mkdir(parents=True)
+    keys = ["reward/mean", "reward/std", "reward/frac_zero_std", "trust_region/outside_frac",
+            "trust_region/zero_weight_frac", "drift/behavior/kl_k1", "drift/behavior/kl_k3",
+            "drift/behavior/ratio_max", "train/grad_norm"]
+    with open(directory / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", *keys])
+        for step in range(rows):
+            values = [0.2 + 0.01 * step, 0.3, 0.5 - 0.01 * step, 0.02 * math.sin(step) ** 2,
+                      0.0, 0.001 * math.cos(step), 0.002 + 0.001 * step, 1.5 + 0.1 * step, 2.0]
+            cells = ["" if (step + i) % 7 == 0 else f"{v:.6g}" for i, v in enumerate(values)]
+            writer.writerow([0, step, *cells])
+    return directory
+
+
+def _check_png(path: Path, size: tuple[int, int] | None = None) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 10_000  # a drawn chart, not an empty canvas
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    if size is not None:
+        assert image.shape[:2] == size  # (height, width) in pixels at dpi 120
+    assert image[..., :3].std() > 0.05  # something is drawn
+
+
+# ------------------------------------------------------------------------------ reading
+def test_load_metrics_reads_exact_values_and_skips_empty_cells(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(METRICS_CSV)
+    metrics = load_metrics(path)
+    assert set(metrics) == {"reward/mean", "reward/std", "trust_region/outside_frac",
+                            "drift/behavior/kl_k3", "response/length_mean"}
+    assert metrics["reward/mean"] == [(0, 0.25), (2, 0.5)]
+    assert metrics["reward/std"] == [(0, 0.5), (1, 0.4)]
+    assert metrics["trust_region/outside_frac"] == [(0, 0.0), (1, 0.125), (2, 0.25)]
+    assert metrics["response/length_mean"] == [(0, 3.0), (2, 3.5)]
+    assert all(math.isnan(v) for _, v in metrics["drift/behavior/kl_k3"])
+
+
+def test_load_metrics_needs_a_step_column(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,reward/mean\n0,1.0\n")
+    with pytest.raises(ValueError, match="no 'step' column"):
+        load_metrics(path)
+
+
+def test_find_metrics_csv_picks_the_latest_version(tmp_path) -> None:
+    _write_run(tmp_path, 0)
+    latest = _write_run(tmp_path, 10)
+    _write_run(tmp_path, 2)
+    assert find_metrics_csv(tmp_path) == latest / "metrics.csv"
+    assert find_metrics_csv(latest) == latest / "metrics.csv"
+    assert find_metrics_csv(latest / "metrics.csv") == latest / "metrics.csv"
+
+
+def test_find_metrics_csv_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        find_metrics_csv(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no metrics\.csv under"):
+        find_metrics_csv(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        render_run(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("config.yaml", "model:\n  trust_region: {name: drpo, delta: 0.1, delta_low: null}\n"),
+    ("config.yaml", "model:\n  trust_region:\n    class_path: my.pkg.MyClip\n"
+                    "    init_args: {epsilon: 0.2}\n"),
+    ("hparams.yaml", "trust_region: {class: MyClip, epsilon: 0.2}\n"),
+])
+def test_the_weight_chart_names_the_strategy_from_the_run_files(tmp_path, name, text) -> None:
+    from trustregion.plots import _strategy_from_files
+
+    assert _strategy_from_files(tmp_path) is None
+    (tmp_path / name).write_text(text)
+    label = strategy_label(*_strategy_from_files(tmp_path))
+    assert label in ("DRPO(delta=0.1)", "MyClip(epsilon=0.2)")
+
+
+def test_strategy_label_leaves_out_unset_settings() -> None:
+    assert strategy_label("DRPO", {"delta": 0.15, "delta_low": None, "anchor": "behavior"}) \
+        == "DRPO(delta=0.15, anchor=behavior)"
+
+
+# ------------------------------------------------------------------------------ drawing
+def test_render_run_on_a_hand_written_csv(tmp_path) -> None:
+    version = _write_run(tmp_path, 0)
+    paths = render_run(tmp_path)
+    plots = version / "plots"
+    assert paths == [plots / "reward.png", plots / "drift.png"]  # no token samples
+    _check_png(plots / "reward.png", size=(720, 1020))  # 8.5 × 6 in with the second panel
+    _check_png(plots / "drift.png")
+
+
+def test_render_run_with_missing_cells_and_few_columns(tmp_path) -> None:
+    (tmp_path / "metrics.csv").write_text(METRICS_CSV)
+    paths = render_run(tmp_path)
+    assert [p.name for p in paths] == ["reward.png", "drift.png"]
+    _check_png(tmp_path / "plots" / "reward.png", size=(504, 1020))  # no frac_zero_std panel
+    _check_png(tmp_path / "plots" / "drift.png")
+
+
+def test_charts_without_data_are_skipped(tmp_path) -> None:
+    assert plot_reward({}, tmp_path / "a.png") is None
+    assert plot_reward({"reward/mean": [(0, float("nan"))]}, tmp_path / "b.png") is None
+    assert plot_drift_panel({"drift/behavior/kl_k3": [(0, float("nan")), (1, float("inf"))],
+                             "unknown/key": [(0, 1.0)]}, tmp_path / "c.png") is None
+    assert plot_weight_vs_shift({"delta": [0.1], "weight": [1.0], "adv_sign": [0.0]},
+                                tmp_path / "d.png") is None
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,foo\n0,\n1,\n")
+    assert render_run(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("tokens", [60, 5000])  # a scatter, then a 2-D histogram
+def test_weight_vs_shift(tmp_path, tokens) -> None:
+    rng = np.random.default_rng(0)
+    delta = rng.normal(0, 0.05, tokens).clip(-1, 1)
+    sign = rng.choice([-1.0, 0.0, 1.0], tokens)
+    weight = np.where(sign * delta > 0.1, 0.0, 1.0)  # ratio-clip-like: 0 beyond the region
+    path = plot_weight_vs_shift({"delta": delta, "weight": weight, "adv_sign": sign},
+                                tmp_path / "w.png", title="Clip(ε=0.1)")
+    assert path == tmp_path / "w.png"
+    _check_png(path, size=(600, 1320))  # 11 × 5 in
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_weight_vs_shift({"delta": delta, "weight": weight[:-1], "adv_sign": sign},
+                             tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------- reservoir
+def _rows(start: int, count: int) -> dict[str, torch.Tensor]:
+    index = torch.arange(start, start + count, dtype=torch.float64)
+    return {"step": index, "delta": index, "weight": -index, "adv_sign": torch.ones(count),
+            "mu": torch.full((count,), 0.5)}
+
+
+def test_reservoir_is_bounded_uniform_and_resumable() -> None:
+    plots = DriftPlots(max_tokens=500, seed=3)
+    for start in range(0, 10_000, 400):
+        plots.add_tokens(_rows(start, 400))
+    kept = plots.sample["delta"]
+    assert len(kept) == 500 and plots.tokens_seen == 10_000
+    assert len(set(kept.tolist())) == 500  # no token twice
+    assert torch.equal(plots.sample["weight"], -kept)  # rows stay together
+    # uniform over 0..9999: mean ≈ 5000 ± 2887/√500 ≈ ± 129
+    assert abs(kept.mean().item() - 4999.5) < 4 * 129
+    assert (kept < 5000).float().mean().item() == pytest.approx(0.5, abs=0.1)
+
+    # stopping, saving and resuming continues exactly as an uninterrupted run
+    full, first = DriftPlots(max_tokens=50, seed=1), DriftPlots(max_tokens=50, seed=1)
+    for plots in (full, first):
+        plots.add_tokens(_rows(0, 120))
+    resumed = DriftPlots(max_tokens=50, seed=99)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as in a checkpoint, loadable with weights_only
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for plots in (full, resumed):
+        plots.add_tokens(_rows(120, 300))
+    assert all(torch.equal(full.sample[k], resumed.sample[k]) for k in TOKEN_SAMPLE_COLUMNS)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_tokens": 0}, "max_tokens must be an integer ≥ 1"),
+    ({"every_n_steps": 0}, "every_n_steps must be None or an integer ≥ 1"),
+])
+def test_bad_settings(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DriftPlots(**kwargs)
+
+
+# ----------------------------------------------------------------------------- a real run
+SMALL = {"group_size": 4, "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
+         "max_new_tokens": 5}
+
+
+class _Keep(L.Callback):
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.outputs.append(outputs)
+
+
+def _fit(random_model_dir: Path, steps: int, callbacks: list, **trainer) -> TrustRegionModule:
+    torch.manual_seed(0)
+    module = TrustRegionModule(policy=f"config:{random_model_dir}", task=DigitRichArithmetic(),
+                               lr=1e-2, **SMALL)
+    L.Trainer(max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, log_every_n_steps=1, callbacks=callbacks,
+              **trainer).fit(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def real_run(random_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Three rollout batches (two optimiser steps each) with DriftPlots and a CSV logger."""
+    root = tmp_path_factory.mktemp("real-run")
+    keep = _Keep()
+    _fit(random_model_dir, 6, [DriftPlots(), keep],
+         logger=CSVLogger(root, name="csv", version=0))
+    return root, keep.outputs
+
+
+def test_drift_plots_writes_charts_and_token_samples(real_run) -> None:
+    root, outputs = real_run
+    plots = root / "csv" / "version_0" / "plots"
+    for name in ("reward.png", "drift.png", "weight_vs_shift.png"):
+        _check_png(plots / name)
+    with open(plots / "token_samples.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == TOKEN_SAMPLE_COLUMNS
+
+    # fewer tokens than the reservoir holds: the file has every masked token of every update
+    expected = DriftPlots.token_rows([r for out in outputs for r in out["updates"]], step=0)
+    n_tokens = sum(int(r.batch.bool_mask().sum()) for out in outputs for r in out["updates"])
+    assert len(rows) == n_tokens == len(expected["delta"])
+    assert sorted({int(row["step"]) for row in rows}) == [0, 1, 2]
+
+    samples = load_token_samples(plots / "token_samples.csv")
+    assert np.all(np.abs(samples["delta"]) <= 1)
+    assert set(samples["adv_sign"].tolist()) <= {-1.0, 0.0, 1.0}
+    assert np.all((samples["mu"] > 0) & (samples["mu"] <= 1))
+    # Δ = π − μ and the strategy's weight, token by token (the file is ordered by step, and
+    # within a step by update, as the records are)
+    pi, mu, weight = [], [], []
+    for out in outputs:
+        for record in out["updates"]:
+            mask = record.batch.bool_mask()
+            pi.append(record.batch.logp[mask].double().exp())
+            mu.append(record.batch.behavior_logp[mask].double().exp())
+            weight.append(record.output.weight[mask].double())
+    np.testing.assert_allclose(samples["delta"], (torch.cat(pi) - torch.cat(mu)).numpy(),
+                               atol=1e-7)
+    np.testing.assert_allclose(samples["mu"], torch.cat(mu).numpy(), rtol=1e-7)
+    np.testing.assert_allclose(samples["weight"], torch.cat(weight).numpy(), rtol=1e-7,
+                               atol=1e-7)
+
+
+def test_plot_command_renders_a_real_run(real_run, capsys) -> None:
+    root, _ = real_run
+    main(["plot", str(root)])
+    printed = capsys.readouterr().out.split()
+    plots = root / "csv" / "version_0" / "plots"
+    assert printed == [str(plots / name)
+                       for name in ("reward.png", "drift.png", "weight_vs_shift.png")]
+    assert (plots / "weight_vs_shift.png").stat().st_size > 10_000
+
+
+def test_plot_command_errors(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "no such run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: trustregion plot" in capsys.readouterr().out
+
+
+def test_drift_plots_without_a_logger(random_model_dir, tmp_path) -> None:
+    plots = DriftPlots(max_tokens=7, every_n_steps=1)
+    _fit(random_model_dir, 2, [plots], logger=False, default_root_dir=tmp_path)
+    out = tmp_path / "plots"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "drift.png", "reward.png", "token_samples.csv", "weight_vs_shift.png"]
+    assert len(load_token_samples(out / "token_samples.csv")["delta"]) == 7
+    assert plots.iterations == 1 and [step for step, _ in plots.history] == [0]
+    state = plots.state_dict()
+    assert state["iterations"] == 1 and len(state["sample"]["delta"]) == 7
