@@ -3,7 +3,8 @@
 Usage: python benchmarks/callbacks.py [--config examples/configs/quickstart.yaml]
                                       [--steps 40] [--warmup 5] [--repeats 3]
 
-Times ``--steps`` rollout batches (after ``--warmup`` untimed ones) of the config with no
+Every run logs each rollout batch to a CSVLogger in a temporary directory, as the quickstart
+does. Times ``--steps`` rollout batches (after ``--warmup`` untimed ones) of the config with no
 monitoring callback, with ``DriftMonitor``, and with ``DriftMonitor`` plus
 ``ShadowStrategies(["ratio_clip", "dppo", "spo"])``. The settings run interleaved ``--repeats``
 times, each from the same seed (the callbacks draw no random numbers, so every setting trains
@@ -13,7 +14,8 @@ identically). Reported, as medians over all timed rollout batches of all repeats
   (rollout, update and the monitors' work);
 * monitors: time spent inside the monitors' ``on_train_batch_end``, measured directly, which is
   far less noisy than a difference of step times on a busy machine; "of which log" is the part
-  spent in Lightning's ``LightningModule.log`` (about 1 ms per key on a 2-core CPU);
+  spent writing values (the monitors' one call to the logger connector, and
+  ``LightningModule.log`` for the two progress-bar entries);
 * overhead: monitors / (step − monitors), and the difference of median step times (Δ step).
 """
 
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
-from trustregion.callbacks import DriftMonitor, ShadowStrategies
+from trustregion.callbacks import DriftMonitor, ShadowStrategies, _windowed
 from trustregion.cli import TrustRegionCLI
 
 SETTINGS: dict[str, Callable[[], list[L.Callback]]] = {
@@ -37,6 +41,9 @@ SETTINGS: dict[str, Callable[[], list[L.Callback]]] = {
     "DriftMonitor + ShadowStrategies(ratio_clip, dppo, spo)":
         lambda: [DriftMonitor(), ShadowStrategies(["ratio_clip", "dppo", "spo"])],
 }
+
+
+LOG_STEP_VALUES = _windowed.log_step_values
 
 
 class _Clock:
@@ -53,21 +60,28 @@ class _Clock:
 
 class _StepStart(L.Callback):
     """First callback: starts the step clock, opens the per-step slots, and times the module's
-    ``log`` while a monitor runs."""
+    ``log`` and the monitors' ``log_step_values`` while a monitor runs."""
 
     def __init__(self, clock: _Clock) -> None:
         self.clock = clock
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        log, clock = pl_module.log, self.clock
+        pl_module.log = self._timed(pl_module.log)
+        _windowed.log_step_values = self._timed(_windowed.log_step_values)
 
-        def timed_log(*args: Any, **kwargs: Any) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        _windowed.log_step_values = LOG_STEP_VALUES
+
+    def _timed(self, write: Callable[..., None]) -> Callable[..., None]:
+        clock = self.clock
+
+        def timed(*args: Any, **kwargs: Any) -> None:
             start = time.perf_counter()
-            log(*args, **kwargs)
+            write(*args, **kwargs)
             if clock.inside:
                 clock.logging[-1] += time.perf_counter() - start
 
-        pl_module.log = timed_log
+        return timed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
@@ -116,11 +130,13 @@ def run(config: str, callbacks: list[L.Callback], steps: int, warmup: int) -> _C
                                           // hp.mini_batch_size)
     clock = _Clock()
     monitors = [_timed(c, clock) for c in callbacks]
-    trainer = L.Trainer(max_steps=(warmup + steps) * steps_per_rollout, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1,
-                        callbacks=[_StepStart(clock), *monitors, _StepEnd(clock)])
-    trainer.fit(module)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(max_steps=(warmup + steps) * steps_per_rollout,
+                            logger=CSVLogger(logs), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            log_every_n_steps=1,
+                            callbacks=[_StepStart(clock), *monitors, _StepEnd(clock)])
+        trainer.fit(module)
     for series in (clock.step, clock.monitors, clock.logging):
         del series[:warmup]
     return clock

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -50,3 +52,25 @@ def test_example_config_instantiates(path: Path, tmp_path, monkeypatch) -> None:
             assert getattr(module, key) == config["model"][key], key
     assert module.sampling.max_new_tokens == config["model"]["max_new_tokens"]
     assert cli.trainer.max_steps == config["trainer"]["max_steps"]
+    for entry in config["trainer"].get("callbacks", []):
+        _assert_callback_built(cli.trainer.callbacks, entry)
+
+
+def _same(attribute: Any, value: Any) -> bool:
+    """A callback attribute equals its config value (a dict of named items: its names)."""
+    if isinstance(attribute, dict) and isinstance(value, list):
+        return list(attribute) == value
+    if isinstance(value, float):
+        return attribute == pytest.approx(value)
+    return bool(attribute == value)
+
+
+def _assert_callback_built(callbacks: list[Any], entry: str | dict[str, Any]) -> None:
+    spec = {"class_path": entry} if isinstance(entry, str) else entry
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    built = [callback for callback in callbacks if type(callback) is cls]
+    assert built, f"{spec['class_path']} is not among the trainer's callbacks"
+    for key, value in spec.get("init_args", {}).items():
+        assert any(_same(getattr(callback, key), value) for callback in built), \
+            f"{spec['class_path']}.{key} != {value!r}"

@@ -34,8 +34,9 @@ def _fit(module: TrustRegionModule, steps: int, ckpt_path: str | None = None,
     return t
 
 
-def test_logged_metric_keys(random_model_dir) -> None:
-    trainer = _fit(_module(random_model_dir, kl_coef=0.01, entropy_coef=0.001), steps=2)
+def test_logged_metric_keys(random_model_dir, tmp_path) -> None:
+    trainer = _fit(_module(random_model_dir, kl_coef=0.01, entropy_coef=0.001), steps=4,
+                   logger=CSVLogger(tmp_path, name="run", version=0))
     expected = {
         "reward/mean", "reward/std", "reward/frac_zero_std", "response/length_mean",
         "response/length_max", "train/lr", "train/loss", "train/grad_norm",
@@ -44,6 +45,11 @@ def test_logged_metric_keys(random_model_dir) -> None:
     }
     assert set(trainer.logged_metrics) == expected
     assert set(trainer.progress_bar_metrics) == {"reward", "loss"}
+    assert expected <= set(trainer.callback_metrics)
+    rows = _metrics_by_step(tmp_path / "run" / "version_0" / "metrics.csv")
+    assert sorted(rows) == [0, 1]  # one row per rollout batch (2 optimiser steps each)
+    for row in rows.values():
+        assert {key for key, value in row.items() if value} == expected | {"step", "epoch"}
 
 
 def test_two_rollout_batches_make_the_expected_number_of_optimiser_steps(random_model_dir):
@@ -206,12 +212,12 @@ def test_kl_in_reward_shapes_rewards_instead_of_the_loss(random_model_dir) -> No
             outputs.append(out)
 
     trainer = _fit(module, steps=4, callbacks=[Keep()])
-    assert "penalty/ref_kl" not in trainer.logged_metrics  # no KL term in the loss
+    assert "penalty/ref_kl" not in trainer.callback_metrics  # no KL term in the loss
     rollout = outputs[-1]["rollout"]
     # Σ_t (log μ − log π_ref) per sequence, times β, averaged over sequences
     seq_kl = torch.where(rollout.completion_mask, rollout.behavior_logp - rollout.ref_logp,
                          0.0).sum(-1)
-    assert trainer.logged_metrics["reward/kl_penalty"].item() == pytest.approx(
+    assert trainer.callback_metrics["reward/kl_penalty"].item() == pytest.approx(
         0.5 * seq_kl.mean().item(), rel=1e-5)
     shaped = rollout.rewards - 0.5 * seq_kl
     groups = shaped.view(-1, 4)

@@ -3,6 +3,8 @@
 * ``trustregion fit --config FILE.yaml`` — train (Lightning CLI: ``--print_config`` shows every
   resolved setting, including the strategy's hyperparameters).
 * ``trustregion strategies`` — the registered strategies with their settings and defaults.
+* ``trustregion plot RUN_DIR`` — draw a finished run's charts from its logs
+  (:mod:`trustregion.plots`).
 
 In a config, a strategy or a task is given as a registered name (``trust_region: drpo``), as a
 name with settings (``trust_region: {name: drpo, delta: 0.1}``) or as a class path

@@ -45,6 +45,7 @@ from trustregion.metric_reduction import MetricAccumulator
 from trustregion.models.loading import TINY, load_model
 from trustregion.penalties import EntropyBonus, PenaltyOutput, ReferenceKL
 from trustregion.rollout import Rollout, SamplingSettings, completion_logits, generate_rollout
+from trustregion.step_logging import log_step_values, writes_logs
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
 
@@ -243,7 +244,7 @@ class TrustRegionModule(L.LightningModule):
         self.next_prompt_batch = batch.index + 1
         rollout = self.rollout(batch)
         records, update_metrics = self.update(rollout, batch.index)
-        self._log_step(rollout, update_metrics)
+        self._log_step(rollout, update_metrics, batch_idx)
         return {"rollout": rollout, "updates": records}
 
     def rollout(self, batch: PromptBatch) -> Rollout:
@@ -398,7 +399,8 @@ class TrustRegionModule(L.LightningModule):
                 f"exceeds the model's context of {context} tokens; shorten the prompts or lower "
                 "max_new_tokens")
 
-    def _log_step(self, rollout: Rollout, update_metrics: dict[str, Tensor]) -> None:
+    def _log_step(self, rollout: Rollout, update_metrics: dict[str, Tensor],
+                  batch_idx: int) -> None:
         assert rollout.rewards is not None
         lengths = rollout.lengths.float()
         optimizer = self.optimizers()
@@ -415,7 +417,7 @@ class TrustRegionModule(L.LightningModule):
             **update_metrics,
         }
         metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(rollout))
+        log_step_values(self.trainer, metrics, to_loggers=writes_logs(self.trainer, batch_idx))
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False,
                  batch_size=len(rollout))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False,

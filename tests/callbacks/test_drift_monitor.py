@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from trustregion.callbacks import DriftMonitor
@@ -181,41 +182,85 @@ def test_pair_drift_is_accurate_for_a_tiny_drift() -> None:
 
 
 class _Module:
-    """Stands in for the LightningModule: records what is logged."""
+    """Stands in for the LightningModule: records what is logged through ``log``."""
 
     def __init__(self) -> None:
         self.logged: list[tuple[dict[str, Any], dict[str, Any]]] = []
-
-    def log_dict(self, values: dict[str, Any], **kwargs: Any) -> None:
-        self.logged.append((dict(values), kwargs))
 
     def log(self, name: str, value: Any, **kwargs: Any) -> None:
         self.logged.append(({name: value}, kwargs))
 
 
-def test_on_train_batch_end_logs_every_n_steps_then_resets() -> None:
-    monitor, module = DriftMonitor(every_n_steps=2), _Module()
+class _Trainer:
+    """Stands in for the Trainer: a fit loop at a given logging step, and a logger connector
+    that records what it is asked to write."""
+
+    def __init__(self, log_every_n_steps: int = 1, num_training_batches: int = 100) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.num_training_batches = num_training_batches
+        self.max_steps, self.global_step, self.should_stop = -1, 0, False
+        self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
+        self.callback_metrics: dict[str, Tensor] = {}
+        self.written: list[tuple[dict[str, float], int]] = []
+        self._logger_connector = SimpleNamespace(log_metrics=self._log_metrics)
+
+    def _log_metrics(self, values: dict[str, float]) -> None:
+        """Lightning's connector files a row without a step at ``_batches_that_stepped``."""
+        self.written.append((values, self.fit_loop.epoch_loop._batches_that_stepped))
+
+    def end_batch(self, monitor: DriftMonitor, module: _Module, outputs: Any) -> None:
+        """One training batch: the monitor's hook, then Lightning's step counter."""
+        loop = self.fit_loop.epoch_loop
+        monitor.on_train_batch_end(self, module, outputs, None,  # type: ignore[arg-type]
+                                   loop._batches_that_stepped)
+        loop._batches_that_stepped += 1
+
+
+def test_on_train_batch_end_writes_every_n_steps_then_resets() -> None:
+    monitor, module, trainer = DriftMonitor(every_n_steps=2), _Module(), _Trainer()
     first = {"rollout": None, "updates": [record(hand_batch(slice(0, 1)))]}
     second = {"rollout": None, "updates": [record(hand_batch(slice(1, 2)))]}
-    monitor.on_train_batch_end(None, module, first, None, 0)  # type: ignore[arg-type]
-    assert module.logged == []
-    monitor.on_train_batch_end(None, module, second, None, 1)  # type: ignore[arg-type]
-    (values, kwargs), (kl, kl_kwargs), (outside, outside_kwargs) = module.logged
-    assert kwargs == {"on_step": True, "on_epoch": False, "sync_dist": False, "batch_size": 1}
+    trainer.end_batch(monitor, module, first)
+    assert trainer.written == [] and module.logged == []
+    trainer.end_batch(monitor, module, second)
+    ((values, step),) = trainer.written
+    assert step == 1  # Lightning's step for the second batch
     assert list(values) == DriftMonitor.metric_names(["behavior", "old", "ref"])
-    assert_values({k: float(v) for k, v in values.items()}, BEHAVIOR, "drift/behavior/")
+    assert_values(values, BEHAVIOR, "drift/behavior/")
+    assert {k: float(v) for k, v in trainer.callback_metrics.items()} == pytest.approx(values)
+    (kl, kl_kwargs), (outside, outside_kwargs) = module.logged
     assert float(kl["kl"]) == pytest.approx(BEHAVIOR["kl_k3"])
     assert float(outside["outside"]) == pytest.approx(0.4)
     assert kl_kwargs["prog_bar"] and not kl_kwargs["logger"] and outside_kwargs["prog_bar"]
     assert not any(m.update_called for m in monitor._metrics())  # reset after logging
-    monitor.on_train_batch_end(None, module, {"rollout": None}, None, 2)  # type: ignore[arg-type]
-    monitor.on_train_batch_end(None, module, None, None, 3)  # type: ignore[arg-type]
-    assert len(module.logged) == 3  # nothing to log without updates
+    trainer.end_batch(monitor, module, {"rollout": None})
+    trainer.end_batch(monitor, module, None)
+    assert len(trainer.written) == 1 and len(module.logged) == 2  # nothing without updates
+
+
+def test_default_window_follows_log_every_n_steps_and_closes_at_the_last_batch() -> None:
+    # log_every_n_steps=2 over 3 batches: rows at steps 1 (batches 0-1) and 2 (batch 2, the
+    # last batch of the epoch closes its window early).
+    monitor, module = DriftMonitor(), _Module()
+    trainer = _Trainer(log_every_n_steps=2, num_training_batches=3)
+    for index in (0, 1, 0):
+        trainer.end_batch(monitor, module, {"updates": [record(hand_batch(
+            slice(index, index + 1)))]})
+    assert [step for _, step in trainer.written] == [1, 2]
+    assert trainer.written[0][0]["drift/behavior/tv_max"] == pytest.approx(BEHAVIOR["tv_max"])
+
+
+def test_nothing_is_written_when_the_trainer_logs_nothing() -> None:
+    monitor, module, trainer = DriftMonitor(), _Module(), _Trainer(log_every_n_steps=0)
+    trainer.end_batch(monitor, module, {"updates": [record(hand_batch(slice(0, 2)))]})
+    assert trainer.written == []
+    assert float(trainer.callback_metrics["drift/behavior/tv_max"]) == pytest.approx(
+        BEHAVIOR["tv_max"])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_every_n_steps_is_validated(bad) -> None:
-    with pytest.raises(ValueError, match="every_n_steps must be an integer"):
+    with pytest.raises(ValueError, match=r"every_n_steps must be None .* or an integer ≥ 1"):
         DriftMonitor(every_n_steps=bad)
 
 

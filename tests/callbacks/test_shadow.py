@@ -22,6 +22,7 @@ Per token (outside: beyond the region in the harmful direction for Â):
 from __future__ import annotations
 
 import copy
+import csv
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import DigitRichArithmetic
+from lightning.pytorch.loggers import CSVLogger
 
 from trustregion.callbacks import DriftMonitor, ShadowStrategies
 from trustregion.metrics import pearson_from_sums
@@ -155,7 +157,8 @@ def test_setup_raises_record_topk_for_topk_shadows() -> None:
 
 
 # --------------------------------------------------------------------------- real run
-def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Path) -> None:
+def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Path,
+                                                           tmp_path: Path) -> None:
     torch.manual_seed(0)
     active = DRPO()
     module = TrustRegionModule(
@@ -163,7 +166,7 @@ def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Pat
         group_size=4, prompts_per_step=2, mini_batch_size=4, micro_batch_size=2,
         max_new_tokens=5, lr=1e-2, kl_coef=0.01)
     shadows = ShadowStrategies(["ratio_clip", "dppo", copy.deepcopy(active)])
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         log_every_n_steps=1, callbacks=[DriftMonitor(), shadows])
     trainer.fit(module)  # 1 rollout batch, 2 optimiser steps (mini-batches of 4 of 8)
@@ -177,6 +180,11 @@ def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Pat
     shadow_keys = {f"shadow/{label}/{stat}" for label in ("ratio_clip", "dppo", "drpo")
                    for stat in STATS}
     assert set(trainer.logged_metrics) == module_keys | drift_keys | shadow_keys
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    written = {key for row in rows for key, value in row.items() if value}
+    assert written == module_keys | drift_keys | shadow_keys | {"step", "epoch"}
+    assert {row["step"] for row in rows} == {"0"}  # all filed under the one rollout batch
     assert set(trainer.progress_bar_metrics) == {"reward", "loss", "kl", "outside"}
     logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
     assert logged["drift/behavior/tv_max"] > 0  # π moved from μ: DRPO weights vary

@@ -4,7 +4,8 @@ often the active trust region acts — under one naming scheme for every strateg
 :class:`DriftMonitor` reads the ``"updates"`` that ``TrustRegionModule.training_step`` returns
 (one detached ``UpdateRecord`` per micro-batch update: the ``TokenBatch`` and the strategy's
 ``StrategyOutput``), feeds every record's masked response tokens to torchmetrics statistics
-(:mod:`trustregion.metrics.drift`), and every ``every_n_steps`` rollout batches logs them and
+(:mod:`trustregion.metrics.drift`), and at the end of each logging window (the trainer's
+``log_every_n_steps`` rollout batches, or ``every_n_steps``) writes them to the loggers and
 starts afresh. A token updated in several PPO epochs counts once per update. The statistics
 synchronise across ranks themselves, so a value is the one over all tokens of all ranks.
 
@@ -51,13 +52,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import lightning as L
 from torch import Tensor
 from torchmetrics import Metric
 
+from trustregion.callbacks._windowed import WindowedMonitor
 from trustregion.metrics.drift import (
     PAIR_STATISTICS,
     REGION_STATISTICS,
@@ -78,29 +80,19 @@ PROGRESS_BAR: dict[str, str] = {"kl": "drift/behavior/kl_k3", "outside": "region
 """Progress-bar name → the logged key it repeats."""
 
 
-def _update_records(outputs: Any) -> list[Any]:
-    """The ``UpdateRecord`` list of a ``training_step`` output (empty if there is none)."""
-    updates = outputs.get("updates") if isinstance(outputs, Mapping) else None
-    return list(updates) if updates else []
-
-
-class DriftMonitor(L.Callback):
+class DriftMonitor(WindowedMonitor):
     """Log drift of the policy from μ, π_old and π_ref, and the active trust region's activity.
 
     Args:
-        every_n_steps: rollout batches (training steps) accumulated per logged value.
+        every_n_steps: rollout batches accumulated per logged value (None: the trainer's
+            ``log_every_n_steps``, so each logged row covers every token since the last one).
     """
 
-    def __init__(self, every_n_steps: int = 1) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
-                or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer ≥ 1 (rollout batches per logged "
-                             f"value); got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        super().__init__(every_n_steps)
         self.pairs = {pair: PairDrift() for pair in PAIRS}
         self.entropy = TokenMean()
         self.region = RegionActivity()
-        self._steps = 0
 
     @staticmethod
     def metric_names(pairs: Iterable[str] = ("behavior",), entropy: bool = True) -> list[str]:
@@ -153,20 +145,7 @@ class DriftMonitor(L.Callback):
         for metric in self._metrics():
             metric.reset()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        for record in _update_records(outputs):
-            self.update(record.batch, record.output)
-        self._steps += 1
-        if self._steps % self.every_n_steps:
-            return
-        values = self.compute()
-        self.reset()
-        if not values:
-            return
-        # Step-level values only: the batch size weights nothing, but stops Lightning from
-        # trying to infer one from the prompt batch.
-        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+    def on_logged(self, pl_module: L.LightningModule, values: dict[str, Tensor]) -> None:
         for name, key in PROGRESS_BAR.items():
             if key in values:
                 pl_module.log(name, values[key], prog_bar=True, logger=False, on_step=True,

@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from trustregion.callbacks.drift_monitor import _update_records
+from trustregion.callbacks._windowed import WindowedMonitor
 from trustregion.metrics.agreement import AGREEMENT_STATISTICS, StrategyAgreement
 from trustregion.strategies import TrustRegionStrategy, get_strategy
 
@@ -55,27 +55,24 @@ def _label(strategy: TrustRegionStrategy) -> str:
     return type(strategy).registered_name or type(strategy).__name__.lower()
 
 
-class ShadowStrategies(L.Callback):
+class ShadowStrategies(WindowedMonitor):
     """Log how other trust-region strategies would have treated the tokens being trained on.
 
     Args:
         strategies: shadow strategies: instances, or registered names (built with their
             default hyperparameters).
-        every_n_steps: rollout batches (training steps) accumulated per logged value.
+        every_n_steps: rollout batches accumulated per logged value (None: the trainer's
+            ``log_every_n_steps``).
     """
 
     def __init__(self, strategies: Sequence[TrustRegionStrategy | str],
-                 every_n_steps: int = 1) -> None:
+                 every_n_steps: int | None = None) -> None:
+        super().__init__(every_n_steps)
         if isinstance(strategies, (str, TrustRegionStrategy)):
             raise ValueError("strategies must be a list of strategies or registered names; got "
                              f"a single {type(strategies).__name__} — wrap it in a list")
         if not strategies:
             raise ValueError("strategies must name at least one shadow strategy; got none")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
-                or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer ≥ 1 (rollout batches per logged "
-                             f"value); got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
         self.strategies: dict[str, TrustRegionStrategy] = {}
         for item in strategies:
             strategy = get_strategy(item) if isinstance(item, str) else item
@@ -88,7 +85,6 @@ class ShadowStrategies(L.Callback):
                 label = f"{_label(strategy)}_{count}"
             self.strategies[label] = strategy
         self.agreement = {label: StrategyAgreement() for label in self.strategies}
-        self._steps = 0
 
     def metric_names(self) -> list[str]:
         """Every key this callback logs."""
@@ -137,17 +133,3 @@ class ShadowStrategies(L.Callback):
     def reset(self) -> None:
         for metric in self.agreement.values():
             metric.reset()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        for record in _update_records(outputs):
-            self.update(record.batch, record.output)
-        self._steps += 1
-        if self._steps % self.every_n_steps:
-            return
-        values = self.compute()
-        self.reset()
-        if values:
-            # Step-level values only: the batch size weights nothing.
-            pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False,
-                               batch_size=1)
