@@ -3,9 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trustregion.cli import TrustRegionCLI, describe_strategies, main
+from trustregion.specs import to_spec
 from trustregion.strategies import DRPO, RatioClip, available_strategies
 
 
@@ -76,3 +78,38 @@ def test_strategies_command_lists_every_strategy(capsys) -> None:
     for name in available_strategies():
         assert f"\n{name} " in f"\n{out}"
     assert "delta=0.15" in out and "epsilon_high=0.28" in out
+
+
+class WiderDRPO(DRPO):
+    """An unregistered strategy: the CLI and checkpoints name it by class path."""
+
+
+@pytest.mark.parametrize(("trust_region", "stored"), [
+    ({"name": "dppo", "divergence": "binary_kl", "delta": 0.1},
+     {"name": "dppo", "divergence": "binary_kl", "delta": 0.1, "delta_low": None,
+      "delta_high": None, "tis_cap": 10.0, "top_k": 8, "anchor": "behavior"}),
+    ({"class_path": f"{__name__}.WiderDRPO", "init_args": {"delta": 0.3}},
+     {"class_path": f"{__name__}.WiderDRPO",
+      "init_args": {"delta": 0.3, "delta_low": None, "delta_high": None, "anchor": "behavior"}}),
+])
+def test_fit_resumes_from_a_checkpoint_through_the_cli(tmp_path, random_model_dir, trust_region,
+                                                      stored) -> None:
+    # Lightning's CLI rebuilds the module from the checkpoint's hyperparameters on --ckpt_path,
+    # so the strategy and the task must be stored in a form the config parser reads back.
+    path = _config(tmp_path, random_model_dir, trust_region=trust_region,
+                   task={"name": "digit_sort", "min_len": 4})
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(enable_checkpointing=True, default_root_dir=str(tmp_path))
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert hparams["trust_region"] == stored
+    assert hparams["task"] == {"name": "digit_sort", "min_len": 4, "max_len": 5,
+                               "partial_credit": False}
+
+    cli = TrustRegionCLI(args=["fit", "--config", str(path), "--trainer.max_steps=2",
+                               f"--ckpt_path={checkpoint}"])
+    assert cli.trainer.global_step == 2  # one step restored, one trained
+    assert to_spec(cli.model.trust_region) == stored  # same class, same settings
+    assert to_spec(cli.model.task) == hparams["task"]

@@ -113,7 +113,8 @@ def test_find_metrics_csv_errors(tmp_path) -> None:
     ("config.yaml", "model:\n  trust_region: {name: drpo, delta: 0.1, delta_low: null}\n"),
     ("config.yaml", "model:\n  trust_region:\n    class_path: my.pkg.MyClip\n"
                     "    init_args: {epsilon: 0.2}\n"),
-    ("hparams.yaml", "trust_region: {class: MyClip, epsilon: 0.2}\n"),
+    ("hparams.yaml", "trust_region:\n  class_path: my.pkg.MyClip\n  init_args: {epsilon: 0.2}\n"),
+    ("hparams.yaml", "trust_region: {name: drpo, delta: 0.1}\n"),
 ])
 def test_the_weight_chart_names_the_strategy_from_the_run_files(tmp_path, name, text) -> None:
     from trustregion.plots import _strategy_from_files

@@ -13,96 +13,26 @@ name with settings (``trust_region: {name: drpo, delta: 0.1}``) or as a class pa
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
 from trustregion.module import TrustRegionModule
-from trustregion.strategies import (
-    DRPO,
-    TrustRegionStrategy,
-    available_strategies,
-    strategy_class,
-)
-from trustregion.tasks import TASKS, Arithmetic, Task, get_task
+from trustregion.specs import strategy_from_spec, task_from_spec, to_spec
+from trustregion.strategies import DRPO, TrustRegionStrategy, available_strategies, strategy_class
+from trustregion.tasks import Arithmetic, Task
 
 __all__ = ["TrustRegionCLI", "main"]
-
-T = TypeVar("T")
-
-
-def _import_class(path: str) -> type:
-    module_name, _, name = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"class_path {path!r} must be a full import path such as "
-                         "'my_package.module.MyClass'")
-    try:
-        cls: type = getattr(importlib.import_module(module_name), name)
-        return cls
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import class_path {path!r}: {err}") from err
-
-
-def _config_type(base: type[T], by_name: Callable[..., T], name_of: Callable[[T], str | None],
-                 what: str) -> tuple[Callable[[T], Any], Callable[[Any], T]]:
-    """(serialiser, deserialiser) so a config can name a ``base`` by short name or class path."""
-
-    def serialise(value: T) -> Any:
-        name = name_of(value)
-        hparams = value.hparams()  # type: ignore[attr-defined]
-        if name is not None:
-            return {"name": name, **hparams}
-        cls = type(value)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": hparams}
-
-    def deserialise(value: Any) -> T:
-        if isinstance(value, base):
-            return value
-        if isinstance(value, str):
-            return by_name(value)
-        if isinstance(value, dict):
-            settings = dict(value)
-            if "class_path" in settings:
-                cls = _import_class(settings.pop("class_path"))
-                if not (isinstance(cls, type) and issubclass(cls, base)):
-                    raise ValueError(f"{cls!r} is not a {base.__name__} subclass")
-                return cls(**settings.pop("init_args", {}), **settings)
-            if "name" in settings:
-                return by_name(settings.pop("name"), **settings)
-        raise ValueError(f"a {what} is a registered name, {{name: NAME, setting: value, ...}} or "
-                         f"{{class_path: PATH, init_args: {{...}}}}; got {value!r}")
-
-    return serialise, deserialise
-
-
-def _strategy_name(strategy: TrustRegionStrategy) -> str | None:
-    name = type(strategy).registered_name
-    if name is not None and strategy_class(name) is type(strategy):
-        return name
-    return None
-
-
-def _task_name(task: Task) -> str | None:
-    for name, cls in TASKS.items():
-        if type(task) is cls:
-            return name
-    return None
-
-
-def _by_strategy_name(name: str, **hparams: Any) -> TrustRegionStrategy:
-    return strategy_class(name)(**hparams)
 
 
 _STRATEGY_BASE: type = TrustRegionStrategy  # abstract: registered for parsing, never built
 _TASK_BASE: type = Task
-register_type(_STRATEGY_BASE,
-              *_config_type(_STRATEGY_BASE, _by_strategy_name, _strategy_name, "strategy"))
-register_type(_TASK_BASE, *_config_type(_TASK_BASE, get_task, _task_name, "task"))
+register_type(_STRATEGY_BASE, to_spec, strategy_from_spec)
+register_type(_TASK_BASE, to_spec, task_from_spec)
 
 
 class TrustRegionCLI(LightningCLI):

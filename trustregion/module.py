@@ -45,6 +45,7 @@ from trustregion.metric_reduction import MetricAccumulator
 from trustregion.models.loading import TINY, load_model
 from trustregion.penalties import EntropyBonus, PenaltyOutput, ReferenceKL
 from trustregion.rollout import Rollout, SamplingSettings, completion_logits, generate_rollout
+from trustregion.specs import to_spec
 from trustregion.step_logging import log_step_values, writes_logs
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
@@ -207,10 +208,11 @@ class TrustRegionModule(L.LightningModule):
         self.kl_coef = kl_coef
         self.kl_in_reward = kl_in_reward
         self.seed = seed
+        # The strategy and the task in their config form (hparams.yaml shows every setting, and
+        # `trustregion fit --ckpt_path` rebuilds them from the checkpoint as configured).
         self.save_hyperparameters(ignore=["trust_region", "task"])
-        self.hparams["trust_region"] = {"class": type(self.trust_region).__qualname__,
-                                        **self.trust_region.hparams()}
-        self.hparams["task"] = repr(self.task)
+        self.save_hyperparameters({**self.hparams, "trust_region": to_spec(self.trust_region),
+                                   "task": to_spec(self.task)})
         self.steps_since_sync = 0
         self.next_prompt_batch = 0
         self.record_topk = 0

@@ -516,9 +516,10 @@ def plot_weight_vs_shift(samples: Mapping[str, Sequence[float] | np.ndarray],
 
 # ------------------------------------------------------------------------------ a whole run
 def _strategy_from_files(version_dir: Path) -> tuple[str, dict[str, Any]] | None:
-    """(class name, settings) of the run's strategy, from the ``config.yaml`` the CLI saves
-    (``trust_region`` as a registered name or a class path) or a ``hparams.yaml`` that holds
-    ``trust_region: {class: ..., ...}``; None when neither says."""
+    """(class name, settings) of the run's strategy, from the ``config.yaml`` the CLI saves or
+    the ``hparams.yaml`` a logger saves (``trust_region`` as a registered name, ``{name: ...}``
+    or ``{class_path: ..., init_args: ...}``, see :mod:`trustregion.specs`); None when neither
+    says."""
     import yaml
 
     for name in ("config.yaml", "hparams.yaml"):
@@ -532,8 +533,6 @@ def _strategy_from_files(version_dir: Path) -> tuple[str, dict[str, Any]] | None
         if not isinstance(spec, dict):
             continue
         spec = dict(spec)
-        if "class" in spec:
-            return str(spec.pop("class")), spec
         if "class_path" in spec:
             return str(spec["class_path"]).rpartition(".")[2], dict(spec.get("init_args") or {})
         if "name" in spec:

@@ -1,0 +1,90 @@
+"""How a strategy or a task is written in a config, a checkpoint's hyperparameters and
+``hparams.yaml``: one form, read back by the CLI.
+
+A strategy or task is either registered — ``{name: drpo, delta: 0.15, ...}`` — or named by its
+import path — ``{class_path: my_pkg.MyStrategy, init_args: {...}}``. A config may also give a
+bare registered name (``trust_region: drpo``). :func:`to_spec` writes the full form with every
+hyperparameter; :func:`strategy_from_spec` and :func:`task_from_spec` read any of the three.
+Because ``TrustRegionModule`` stores its strategy and task in this form, ``trustregion fit
+--ckpt_path ...`` rebuilds them from a checkpoint exactly as they were configured.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from trustregion.strategies import TrustRegionStrategy, strategy_class
+from trustregion.tasks import TASKS, Task, get_task
+
+__all__ = ["registered_name", "strategy_from_spec", "task_from_spec", "to_spec"]
+
+T = TypeVar("T")
+
+
+def registered_name(value: TrustRegionStrategy | Task) -> str | None:
+    """The name ``value``'s class is registered under, or None if it is not registered."""
+    if isinstance(value, TrustRegionStrategy):
+        name = type(value).registered_name
+        if name is not None and strategy_class(name) is type(value):
+            return name
+        return None
+    return next((name for name, cls in TASKS.items() if type(value) is cls), None)
+
+
+def to_spec(value: TrustRegionStrategy | Task) -> dict[str, Any]:
+    """``{name: ..., **hparams}`` for a registered class, else ``{class_path, init_args}``."""
+    hparams = value.hparams()
+    name = registered_name(value)
+    if name is not None:
+        return {"name": name, **hparams}
+    cls = type(value)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": hparams}
+
+
+def _import_class(path: str) -> type:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"class_path {path!r} must be a full import path such as "
+                         "'my_package.module.MyClass'")
+    try:
+        cls: type = getattr(importlib.import_module(module_name), name)
+        return cls
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import class_path {path!r}: {err}") from err
+
+
+def _from_spec(value: Any, base: type, by_name: Callable[..., T], what: str) -> T:
+    """``base`` is the (abstract) class every result is an instance of."""
+    if isinstance(value, base):
+        return cast(T, value)
+    if isinstance(value, str):
+        return by_name(value)
+    if isinstance(value, dict):
+        settings = dict(value)
+        if "class_path" in settings:
+            cls = _import_class(settings.pop("class_path"))
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ValueError(f"{cls!r} is not a {base.__name__} subclass")
+            return cast(T, cls(**settings.pop("init_args", None) or {}, **settings))
+        if "name" in settings:
+            return by_name(settings.pop("name"), **settings)
+    raise ValueError(f"a {what} is a registered name, {{name: NAME, setting: value, ...}} or "
+                     f"{{class_path: PATH, init_args: {{...}}}}; got {value!r}")
+
+
+def _strategy_by_name(name: str, **hparams: Any) -> TrustRegionStrategy:
+    return strategy_class(name)(**hparams)
+
+
+def strategy_from_spec(value: Any) -> TrustRegionStrategy:
+    """Build a strategy from a name, a ``{name: ...}`` or a ``{class_path: ...}`` spec (an
+    instance is returned as it is)."""
+    return _from_spec(value, TrustRegionStrategy, _strategy_by_name, "strategy")
+
+
+def task_from_spec(value: Any) -> Task:
+    """Build a task from a name, a ``{name: ...}`` or a ``{class_path: ...}`` spec (an instance
+    is returned as it is)."""
+    return _from_spec(value, Task, get_task, "task")
