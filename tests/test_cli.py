@@ -106,7 +106,7 @@ def test_fit_resumes_from_a_checkpoint_through_the_cli(tmp_path, random_model_di
     hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
     assert hparams["trust_region"] == stored
     assert hparams["task"] == {"name": "digit_sort", "min_len": 4, "max_len": 5,
-                               "partial_credit": False}
+                               "partial_credit": False, "prompt_style": "compact"}
 
     cli = TrustRegionCLI(args=["fit", "--config", str(path), "--trainer.max_steps=2",
                                f"--ckpt_path={checkpoint}"])

@@ -18,6 +18,7 @@ from trustregion.tasks import (
     available_tasks,
     exact_match,
     extract_answer,
+    final_answer,
     get_task,
     load_reward_fn,
     prefix_credit,
@@ -108,6 +109,65 @@ def test_partial_credit_option():
     )
 
 
+# ------------------------------------------------------------------ instruction-style prompts
+
+
+@pytest.mark.parametrize(
+    ("completion", "pattern", "expected"),
+    [
+        ("12 + 7 = 19", r"-?\d+", "19"),
+        ("The answer is -2.", r"-?\d+", "-2"),
+        ("19\n12 + 7 = 20", r"-?\d+", "19"),  # only the answer line counts
+        ("no number here", r"-?\d+", ""),
+        ("Sorted: 0345<eos>99", r"\d+", "0345"),
+    ],
+)
+def test_final_answer_takes_the_last_match_on_the_answer_line(completion, pattern, expected):
+    assert final_answer(completion, pattern) == expected
+
+
+def test_instruction_prompts_ask_in_words_for_the_same_answers():
+    compact = Arithmetic(operations=("+", "-", "*")).examples(30, seed=5)
+    worded = Arithmetic(operations=("+", "-", "*"), prompt_style="instruction").examples(30, seed=5)
+    for short, long in zip(compact, worded, strict=True):
+        a, op, b = short.meta["a"], short.meta["op"], short.meta["b"]
+        assert long.prompt == f"What is {a} {op} {b}? Reply with the number only."
+        assert (long.answer, long.meta) == (short.answer, short.meta)
+    (ex,) = DigitSort(prompt_style="instruction").examples(1, seed=0)
+    digits = ex.prompt.removeprefix("Sort the digits ").removesuffix(
+        " in ascending order. Reply with the sorted digits only.")
+    assert digits.isdigit() and ex.answer == "".join(sorted(digits))
+    (ex,) = Reverse(prompt_style="instruction").examples(1, seed=0)
+    text = ex.prompt.removeprefix("Reverse the string ").removesuffix(
+        ". Reply with the reversed string only.")
+    assert set(text) <= set("abcde") and ex.answer == text[::-1]
+
+
+def test_instruction_style_scores_the_final_answer():
+    task = Arithmetic(prompt_style="instruction")
+    examples = [Example("What is 12 + 7? Reply with the number only.", "19")] * 5
+    completions = ["12 + 7 = 19", "19.", "19 is wrong, it is 20", "Sure!\n19", "191"]
+    assert task.reward(completions, examples).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    # partial credit on the final answer: "18" vs "19" → 1/2; "191" vs "19" → 2/3
+    partial = Arithmetic(prompt_style="instruction", partial_credit=True)
+    assert partial.reward(["12 + 7 = 18", "191"], examples[:2]).tolist() == pytest.approx(
+        [0.5, 2 / 3])
+    sort = DigitSort(prompt_style="instruction")
+    assert sort.reward(["The sorted digits of 312 are 123."],
+                       [Example("...", "123")]).tolist() == [1.0]
+    # the last run of alphabet characters: "cba" here, but "e" (from "the") in the second
+    rev = Reverse(prompt_style="instruction")
+    assert rev.reward(["The reversed string is cba.", "cba is the answer"],
+                      [Example("...", "cba")] * 2).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("cls", [Arithmetic, DigitSort, Reverse])
+def test_unknown_prompt_style_is_refused(cls):
+    with pytest.raises(ValueError, match="prompt_style must be one of 'compact', 'instruction'; "
+                                         "got 'chat'"):
+        cls(prompt_style="chat")
+
+
 @pytest.mark.parametrize("name", ["arithmetic", "digit_sort", "reverse"])
 def test_examples_are_deterministic(name):
     task = get_task(name)
@@ -168,7 +228,8 @@ def test_registry():
 
 def test_repr_lists_hyperparameters():
     assert repr(Reverse(max_len=4)) == (
-        "Reverse(min_len=3, max_len=4, alphabet='abcde', partial_credit=False)"
+        "Reverse(min_len=3, max_len=4, alphabet='abcde', partial_credit=False, "
+        "prompt_style='compact')"
     )
 
 
@@ -178,6 +239,7 @@ def test_hparams_are_plain_config_values(tmp_path):
         "max_value": 20,
         "operations": ["*"],
         "partial_credit": False,
+        "prompt_style": "compact",
     }
     path = write_jsonl(tmp_path / "h.jsonl", [json.dumps({"prompt": "p", "answer": "a"})])
     assert JsonlTask(path).hparams() == {

@@ -8,6 +8,7 @@ tensor([1., 0.])
 
 from trustregion.tasks.base import Example, Task
 from trustregion.tasks.builtin import (
+    PROMPT_STYLES,
     TASKS,
     Arithmetic,
     DigitSort,
@@ -21,6 +22,7 @@ from trustregion.tasks.rewards import (
     RewardFn,
     exact_match,
     extract_answer,
+    final_answer,
     load_reward_fn,
     prefix_credit,
     prefix_match,
@@ -29,6 +31,7 @@ from trustregion.tasks.rewards import (
 
 __all__ = [
     "END_MARKERS",
+    "PROMPT_STYLES",
     "TASKS",
     "Arithmetic",
     "DigitSort",
@@ -40,6 +43,7 @@ __all__ = [
     "available_tasks",
     "exact_match",
     "extract_answer",
+    "final_answer",
     "get_task",
     "load_jsonl_examples",
     "load_reward_fn",

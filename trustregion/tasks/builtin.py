@@ -1,29 +1,46 @@
-"""Built-in synthetic tasks with short, character-level prompts, and a registry by short name.
+"""Built-in synthetic tasks with verifiable answers, and a registry by short name.
 
-==============  ==================  =========
-task            prompt              answer
-==============  ==================  =========
-``arithmetic``  ``12+7=``           ``19``
-``digit_sort``  ``sort:312=``       ``123``
-``reverse``     ``rev:abc=``        ``cba``
-==============  ==================  =========
+Each task writes its prompts in one of two styles. ``prompt_style="compact"`` (the default)
+suits small character-level models trained from scratch; ``"instruction"`` suits chat models
+(use it with ``chat_template=True``):
 
-All three score exact match of the extracted answer (see :mod:`trustregion.tasks.rewards`);
-``partial_credit=True`` scores the fraction of correct leading characters instead.
+==============  ===============  =========================================================  ======
+task            compact          instruction                                                answer
+==============  ===============  =========================================================  ======
+``arithmetic``  ``12+7=``        ``What is 12 + 7? Reply with the number only.``            ``19``
+``digit_sort``  ``sort:312=``    ``Sort the digits 312 in ascending order. Reply with the   ``123``
+                                 sorted digits only.``
+``reverse``     ``rev:abc=``     ``Reverse the string abc. Reply with the reversed string   ``cba``
+                                 only.``
+==============  ===============  =========================================================  ======
+
+Compact prompts score the answer line (:func:`~trustregion.tasks.rewards.extract_answer`)
+exactly. Chat models restate the question before answering (``"12 + 7 = 19"``), so instruction
+prompts score the last number, digit string or alphabet string on the answer line
+(:func:`~trustregion.tasks.rewards.final_answer`). ``partial_credit=True`` scores the fraction
+of correct leading characters of that answer instead of 0/1.
 """
 
 from __future__ import annotations
 
 import difflib
 import random
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from trustregion.tasks.base import Example, Task, require_int
 from trustregion.tasks.jsonl import JsonlTask
-from trustregion.tasks.rewards import RewardFn, exact_match, prefix_match
+from trustregion.tasks.rewards import (
+    RewardFn,
+    exact_match,
+    final_answer,
+    prefix_credit,
+    prefix_match,
+)
 
 __all__ = [
+    "PROMPT_STYLES",
     "TASKS",
     "Arithmetic",
     "DigitSort",
@@ -33,6 +50,8 @@ __all__ = [
 ]
 
 OPERATIONS: tuple[str, ...] = ("+", "-", "*")
+PromptStyle = Literal["compact", "instruction"]
+PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 
 
 def _require_bool(name: str, value: object) -> bool:
@@ -49,14 +68,39 @@ def _require_lengths(min_len: object, max_len: object) -> tuple[int, int]:
     return low, high
 
 
+def _require_style(value: object) -> PromptStyle:
+    if value not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(map(repr, PROMPT_STYLES))}; "
+                         f"got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 class _AnswerTask(Task):
-    """Shared reward choice of the built-in tasks."""
+    """Shared prompt styles and reward choice of the built-in tasks."""
 
     partial_credit: bool = False
+    prompt_style: PromptStyle = "compact"
+
+    @property
+    def answer_pattern(self) -> str:
+        """Regular expression of an answer, for :func:`final_answer` (instruction style)."""
+        raise NotImplementedError
 
     @property
     def reward_function(self) -> RewardFn:
+        if self.prompt_style == "instruction":
+            return self.final_answer_reward
         return prefix_match if self.partial_credit else exact_match
+
+    def final_answer_reward(self, completions: list[str], examples: list[Example]
+                            ) -> list[float]:
+        """Score the last match of :attr:`answer_pattern` on each completion's answer line:
+        1.0 if it equals the answer (or its :func:`prefix_credit` with ``partial_credit``)."""
+        answers = [final_answer(completion, self.answer_pattern) for completion in completions]
+        if self.partial_credit:
+            return [prefix_credit(got, ex.answer) for got, ex in zip(answers, examples,
+                                                                        strict=True)]
+        return [float(got == ex.answer) for got, ex in zip(answers, examples, strict=True)]
 
 
 class Arithmetic(_AnswerTask):
@@ -68,9 +112,12 @@ class Arithmetic(_AnswerTask):
         operations: operators to draw from, uniformly; any of ``+``, ``-``, ``*``. Subtraction
             may give negative answers (``"3-5="`` → ``"-2"``).
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
+        prompt_style: ``"compact"`` (``12+7=``) or ``"instruction"`` (``What is 12 + 7? Reply
+            with the number only.``, scored on the last integer of the answer line).
     """
 
     name = "arithmetic"
+    answer_pattern = r"-?\d+"
 
     def __init__(
         self,
@@ -78,6 +125,7 @@ class Arithmetic(_AnswerTask):
         max_value: int = 20,
         operations: Sequence[str] = ("+", "-"),
         partial_credit: bool = False,
+        prompt_style: PromptStyle = "compact",
     ) -> None:
         self.min_value = require_int("min_value", min_value, minimum=0)
         self.max_value = require_int("max_value", max_value, minimum=0)
@@ -101,13 +149,16 @@ class Arithmetic(_AnswerTask):
             raise ValueError(f"operations must not repeat; got {ops!r}")
         self.operations = ops
         self.partial_credit = _require_bool("partial_credit", partial_credit)
+        self.prompt_style = _require_style(prompt_style)
 
     def sample(self, rng: random.Random) -> Example:
         a = rng.randint(self.min_value, self.max_value)
         b = rng.randint(self.min_value, self.max_value)
         op = rng.choice(self.operations)
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        return Example(prompt=f"{a}{op}{b}=", answer=str(value), meta={"a": a, "b": b, "op": op})
+        prompt = (f"{a}{op}{b}=" if self.prompt_style == "compact"
+                  else f"What is {a} {op} {b}? Reply with the number only.")
+        return Example(prompt=prompt, answer=str(value), meta={"a": a, "b": b, "op": op})
 
 
 class DigitSort(_AnswerTask):
@@ -118,18 +169,27 @@ class DigitSort(_AnswerTask):
         max_len: most digits (>= ``min_len``); digits are drawn independently, so they may
             repeat.
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
+        prompt_style: ``"compact"`` (``sort:312=``) or ``"instruction"`` (``Sort the digits 312
+            in ascending order. Reply with the sorted digits only.``, scored on the last digit
+            string of the answer line).
     """
 
     name = "digit_sort"
+    answer_pattern = r"\d+"
 
-    def __init__(self, min_len: int = 3, max_len: int = 5, partial_credit: bool = False) -> None:
+    def __init__(self, min_len: int = 3, max_len: int = 5, partial_credit: bool = False,
+                 prompt_style: PromptStyle = "compact") -> None:
         self.min_len, self.max_len = _require_lengths(min_len, max_len)
         self.partial_credit = _require_bool("partial_credit", partial_credit)
+        self.prompt_style = _require_style(prompt_style)
 
     def sample(self, rng: random.Random) -> Example:
         length = rng.randint(self.min_len, self.max_len)
         digits = "".join(rng.choice("0123456789") for _ in range(length))
-        return Example(prompt=f"sort:{digits}=", answer="".join(sorted(digits)))
+        prompt = (f"sort:{digits}=" if self.prompt_style == "compact" else
+                  f"Sort the digits {digits} in ascending order. Reply with the sorted digits "
+                  "only.")
+        return Example(prompt=prompt, answer="".join(sorted(digits)))
 
 
 class Reverse(_AnswerTask):
@@ -140,6 +200,9 @@ class Reverse(_AnswerTask):
         max_len: longest string (>= ``min_len``).
         alphabet: distinct characters to draw from; no whitespace and no ``=``.
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
+        prompt_style: ``"compact"`` (``rev:abc=``) or ``"instruction"`` (``Reverse the string
+            abc. Reply with the reversed string only.``, scored on the last run of alphabet
+            characters on the answer line).
     """
 
     name = "reverse"
@@ -150,6 +213,7 @@ class Reverse(_AnswerTask):
         max_len: int = 5,
         alphabet: str = "abcde",
         partial_credit: bool = False,
+        prompt_style: PromptStyle = "compact",
     ) -> None:
         self.min_len, self.max_len = _require_lengths(min_len, max_len)
         if not isinstance(alphabet, str) or not alphabet:
@@ -164,11 +228,18 @@ class Reverse(_AnswerTask):
             raise ValueError(f"alphabet characters must be distinct; got {alphabet!r}")
         self.alphabet = alphabet
         self.partial_credit = _require_bool("partial_credit", partial_credit)
+        self.prompt_style = _require_style(prompt_style)
+
+    @property
+    def answer_pattern(self) -> str:
+        return f"[{re.escape(self.alphabet)}]+"
 
     def sample(self, rng: random.Random) -> Example:
         length = rng.randint(self.min_len, self.max_len)
         text = "".join(rng.choice(self.alphabet) for _ in range(length))
-        return Example(prompt=f"rev:{text}=", answer=text[::-1])
+        prompt = (f"rev:{text}=" if self.prompt_style == "compact" else
+                  f"Reverse the string {text}. Reply with the reversed string only.")
+        return Example(prompt=prompt, answer=text[::-1])
 
 
 TASKS: dict[str, type[Task]] = {

@@ -12,13 +12,15 @@ loudly and by name instead of corrupting a training run. :func:`load_reward_fn` 
 End of an answer: a completion is read up to its first *end marker*, a newline or the literal
 ``<eos>`` (:data:`END_MARKERS`), so ``"19\\nbecause..."`` and ``"19<eos><pad>"`` both answer
 ``"19"``. Leading whitespace is skipped first and surrounding whitespace is stripped, see
-:func:`extract_answer`.
+:func:`extract_answer`. Chat models tend to restate the question before the answer
+(``"12 + 7 = 19"``); :func:`final_answer` takes the last match of a pattern on that line.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -33,6 +35,7 @@ __all__ = [
     "RewardFn",
     "exact_match",
     "extract_answer",
+    "final_answer",
     "load_reward_fn",
     "prefix_credit",
     "prefix_match",
@@ -62,6 +65,20 @@ def extract_answer(completion: str, end_markers: Sequence[str] = END_MARKERS) ->
         if index != -1:
             cut = min(cut, index)
     return text[:cut].strip()
+
+
+def final_answer(completion: str, pattern: str) -> str:
+    """The last match of the regular expression ``pattern`` in the completion's answer line
+    (:func:`extract_answer`), or ``""`` if there is none: what a chat model that writes its
+    working on one line ends with.
+
+    >>> final_answer("12 + 7 = 19.", r"-?\\d+")
+    '19'
+    >>> final_answer("I think it is 3\\nor 4", r"-?\\d+")
+    '3'
+    """
+    matches = re.findall(pattern, extract_answer(completion))
+    return str(matches[-1]) if matches else ""
 
 
 def prefix_credit(prediction: str, answer: str) -> float:
