@@ -238,6 +238,13 @@ class TrustRegionModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimiser steps one rollout batch makes, each counted in ``trainer.global_step``:
+        ``ppo_epochs`` × ⌈group_size · prompts_per_step / mini_batch_size⌉."""
+        sequences = self.group_size * self.prompts_per_step
+        return self.ppo_epochs * -(-sequences // self.mini_batch_size)
+
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
         """One RL iteration. Returns ``{"rollout": Rollout, "updates": [UpdateRecord, ...]}``

@@ -4,6 +4,7 @@ from trustregion.callbacks.collapse_guard import CollapseGuard
 from trustregion.callbacks.controller import TrustRegionController
 from trustregion.callbacks.drift_monitor import DriftMonitor
 from trustregion.callbacks.drift_plots import DriftPlots
+from trustregion.callbacks.progress import RolloutProgressBar
 from trustregion.callbacks.reward_summary import RewardSummary
 from trustregion.callbacks.shadow import ShadowStrategies
 
@@ -12,6 +13,7 @@ __all__ = [
     "DriftMonitor",
     "DriftPlots",
     "RewardSummary",
+    "RolloutProgressBar",
     "ShadowStrategies",
     "TrustRegionController",
 ]
