@@ -125,9 +125,7 @@ def run(config: str, callbacks: list[L.Callback], steps: int, warmup: int) -> _C
                                "--trainer.enable_progress_bar=false",
                                "--trainer.callbacks=null"], run=False)
     module = cli.model
-    hp = module.hparams
-    steps_per_rollout = hp.ppo_epochs * -(-hp.group_size * hp.prompts_per_step
-                                          // hp.mini_batch_size)
+    steps_per_rollout = module.optimizer_steps_per_rollout
     clock = _Clock()
     monitors = [_timed(c, clock) for c in callbacks]
     with tempfile.TemporaryDirectory() as logs:

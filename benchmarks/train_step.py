@@ -64,8 +64,7 @@ def main() -> None:
                                "--trainer.callbacks=null"], run=False)
     module = cli.model
     hp = module.hparams
-    steps_per_rollout = hp.ppo_epochs * -(-hp.group_size * hp.prompts_per_step
-                                          // hp.mini_batch_size)
+    steps_per_rollout = module.optimizer_steps_per_rollout
     timer = PhaseTimer()
     trainer = L.Trainer(max_steps=(args.steps + 1) * steps_per_rollout, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
