@@ -98,6 +98,19 @@ def test_widening_lowers_a_penalty_strength() -> None:
     assert strategy.beta == pytest.approx(1 / 1.02)
 
 
+def test_dual_clip_scales_its_distance_from_one_and_stays_valid() -> None:
+    # c = 3 is 2 above its origin 1: scale 0.1 → 1 + 2 × 0.1 = 1.2 (still > 1, a valid dual
+    # clip; scaling c itself would give 0.3); scale 2 → 1 + 2 × 2 = 5
+    narrow = RatioClip(dual_clip=3.0)
+    narrow.scale_width(0.1)
+    assert narrow.dual_clip == pytest.approx(1.2)
+    assert narrow.epsilon == pytest.approx(0.02)
+    RatioClip(**narrow.hparams())  # the constructor accepts every scaled value
+    wide = RatioClip(dual_clip=3.0)
+    wide.scale_width(2.0)
+    assert wide.dual_clip == pytest.approx(5.0)
+
+
 def test_kl_above_target_narrows_below_widens() -> None:
     records = [_kl_record()]
     high = TrustRegionController("kl", target_value=0.1, gain=0.1)

@@ -164,7 +164,7 @@ class TrustRegionController(L.Callback):
                 f"TrustRegionController cannot adapt strategy {name!r} "
                 f"({type(strategy).__name__}): it has no width hyperparameter to scale "
                 f"(widths: {dict(strategy.widths) or 'none'}). Use a strategy with a trust "
-                "region, such as 'drpo', 'dppo_tv' or 'ratio_clip'.")
+                "region, such as 'drpo', 'dppo' or 'ratio_clip'.")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -130,10 +130,14 @@ class TrustRegionStrategy(abc.ABC):
     Class attributes a subclass may set:
         widths: hyperparameter name → +1 if a larger value widens the trust region, −1 if a
             smaller one does. Used to loosen or adapt the region (:meth:`scale_width`).
+        width_origins: for a width whose valid values start elsewhere than 0, the value it is
+            measured from (e.g. 1.0 for a ratio bound c > 1): :meth:`scale_width` scales the
+            distance ``value − origin``, so a valid value stays valid.
     """
 
     registered_name: ClassVar[str | None] = None
     widths: ClassVar[Mapping[str, int]] = {}
+    width_origins: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, anchor: Anchor = "behavior") -> None:
         require(
@@ -221,13 +225,16 @@ class TrustRegionStrategy(abc.ABC):
         return {name: getattr(self, name) for name in names}
 
     def scale_width(self, factor: float) -> None:
-        """Widen (factor > 1) or narrow (factor < 1) the trust region by scaling its widths."""
+        """Widen (factor > 1) or narrow (factor < 1) the trust region by scaling its widths:
+        each width that is set becomes ``origin + (value − origin) · factor ** direction``
+        (``origin`` from :attr:`width_origins`, else 0)."""
         require(factor > 0 and math.isfinite(factor),
                 f"scale_width factor must be a finite positive number; got {factor}")
         for name, direction in self.widths.items():
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value * factor**direction)
+                origin = self.width_origins.get(name, 0.0)
+                setattr(self, name, origin + (value - origin) * factor**direction)
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, for checkpoints (an adapted width survives a resume)."""

@@ -61,6 +61,7 @@ class RatioClip(TrustRegionStrategy):
     widths: ClassVar[Mapping[str, int]] = {
         "epsilon": 1, "epsilon_low": 1, "epsilon_high": 1, "dual_clip": 1,
     }
+    width_origins: ClassVar[Mapping[str, float]] = {"dual_clip": 1.0}  # c − 1 scales, c stays > 1
 
     def __init__(
         self,
