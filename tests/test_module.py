@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -9,9 +11,11 @@ import torch
 from conftest import DigitRichArithmetic
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoTokenizer
 
 from trustregion.module import TrustRegionModule
 from trustregion.strategies import SHARED_METRICS, DivergenceMask, RatioClip
+from trustregion.tasks import JsonlTask
 
 SMALL = {"group_size": 4, "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
          "max_new_tokens": 5}
@@ -260,3 +264,50 @@ def test_non_finite_gradient_never_reaches_weights_or_optimizer(random_model_dir
     for key, value in state["adam"].items():
         assert torch.equal(value, state["after_adam"][key])
     assert all(p.isfinite().all() for p in module.policy.parameters())
+
+
+def _jsonl(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
+    return path
+
+
+def test_every_dataset_prompt_is_checked_before_training(random_model_dir, tmp_path) -> None:
+    # 64 positions: the 50-character prompt on line 3 leaves no room for 20 new tokens. With one
+    # prompt per step and one step it may never be drawn, but the run is refused up front.
+    task = JsonlTask(_jsonl(tmp_path / "data.jsonl", ["1+1=", "2+2=", "x" * 50, "3+3="]))
+    module = _module(random_model_dir, task=task, prompts_per_step=1, max_new_tokens=20)
+    before = [p.clone() for p in module.policy.parameters()]
+    with pytest.raises(ValueError, match=r"a prompt of 5\d tokens plus max_new_tokens=20 exceeds "
+                                         r"the model's context of 64 tokens \('xxxx"):
+        _fit(module, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters(),
+                                                  strict=True))
+
+
+@pytest.fixture
+def templated_model_dir(random_model_dir, tmp_path) -> Path:
+    """The random model with a chat template that adds 21 characters around each prompt."""
+    directory = tmp_path / "templated"
+    shutil.copytree(random_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_prompt_length_counts_the_chat_template(templated_model_dir) -> None:
+    # "12+7=" is 5 characters; "user: 12+7=\nassistant: " is 23. 23 + 45 > 64 ≥ 5 + 45.
+    module = TrustRegionModule(policy=f"config:{templated_model_dir}", task=DigitRichArithmetic(),
+                               chat_template=True, **{**SMALL, "max_new_tokens": 45})
+    with pytest.raises(ValueError, match=r"with the chat template plus max_new_tokens=45"):
+        module._check_prompt_lengths(["12+7="])
+    plain = TrustRegionModule(policy=f"config:{templated_model_dir}", task=DigitRichArithmetic(),
+                              **{**SMALL, "max_new_tokens": 45})
+    plain._check_prompt_lengths(["12+7="])  # 5 + 45 ≤ 64: accepted
+
+
+def test_chat_template_without_a_template_fails_at_construction(random_model_dir) -> None:
+    with pytest.raises(ValueError, match=r"chat_template=True, but the tokenizer of 'config:.*' "
+                                         "has no chat template"):
+        TrustRegionModule(policy=f"config:{random_model_dir}", chat_template=True, **SMALL)

@@ -44,7 +44,13 @@ from trustregion.functional.logprobs import gather_logprobs, token_entropy, toke
 from trustregion.metric_reduction import MetricAccumulator
 from trustregion.models.loading import TINY, load_model
 from trustregion.penalties import EntropyBonus, PenaltyOutput, ReferenceKL
-from trustregion.rollout import Rollout, SamplingSettings, completion_logits, generate_rollout
+from trustregion.rollout import (
+    Rollout,
+    SamplingSettings,
+    completion_logits,
+    generate_rollout,
+    prompt_lengths,
+)
 from trustregion.specs import to_spec
 from trustregion.step_logging import log_step_values, writes_logs
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
@@ -184,6 +190,10 @@ class TrustRegionModule(L.LightningModule):
                     "needs; set pad_token (for example to the tokenizer's eos token "
                     f"{self.tokenizer.eos_token!r})")
             self.tokenizer.pad_token = pad_token
+        if chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"chat_template=True, but the tokenizer of {policy!r} has no chat template; "
+                "set chat_template=False to send the prompts as plain text")
         self.tokenizer.padding_side = "left"
         self.policy.train()
         self.behavior: PreTrainedModel = _frozen(copy.deepcopy(self.policy))
@@ -258,7 +268,7 @@ class TrustRegionModule(L.LightningModule):
 
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample, score and compute advantages (and old/reference log-probs if needed)."""
-        self._check_prompt_lengths(batch)
+        self._check_prompt_lengths([ex.prompt for ex in batch.examples])
         with self._seeded(derive_seed(self.seed, 2 * batch.index)):
             rollout = generate_rollout(
                 self.behavior, self.tokenizer, batch.examples,
@@ -397,15 +407,27 @@ class TrustRegionModule(L.LightningModule):
             torch.manual_seed(seed)
             yield
 
-    def _check_prompt_lengths(self, batch: PromptBatch) -> None:
+    def on_fit_start(self) -> None:
+        # A dataset's prompts are all checked before the first rollout, so a long one drawn late
+        # cannot end a run hours in; generated tasks are checked batch by batch.
+        examples = self.task.all_examples()
+        if examples:
+            self._check_prompt_lengths([ex.prompt for ex in examples])
+
+    def _check_prompt_lengths(self, prompts: list[str]) -> None:
+        """Refuse prompts that leave no room for ``max_new_tokens`` in the policy's context,
+        counting tokens as the rollout encodes them (chat template included)."""
         context = getattr(self.policy.config, "max_position_embeddings", None)
-        if context is None:
+        if context is None or not prompts:
             return
-        longest = max(len(self.tokenizer(ex.prompt)["input_ids"]) for ex in batch.examples)
-        if longest + self.sampling.max_new_tokens > context:
+        lengths = prompt_lengths(self.tokenizer, prompts, chat_template=self.chat_template)
+        longest = max(range(len(prompts)), key=lengths.__getitem__)
+        if lengths[longest] + self.sampling.max_new_tokens > context:
+            template = " with the chat template" if self.chat_template else ""
             raise ValueError(
-                f"a prompt of {longest} tokens plus max_new_tokens={self.sampling.max_new_tokens} "
-                f"exceeds the model's context of {context} tokens; shorten the prompts or lower "
+                f"a prompt of {lengths[longest]} tokens{template} plus max_new_tokens="
+                f"{self.sampling.max_new_tokens} exceeds the model's context of {context} "
+                f"tokens ({prompts[longest][:60]!r}...); shorten the prompts or lower "
                 "max_new_tokens")
 
     def _log_step(self, rollout: Rollout, update_metrics: dict[str, Tensor],

@@ -27,6 +27,7 @@ __all__ = [
     "completion_logits",
     "encode_prompts",
     "generate_rollout",
+    "prompt_lengths",
 ]
 
 
@@ -121,6 +122,18 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *
     else:
         enc = tokenizer(list(prompts), padding=True, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"].bool()
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                   chat_template: bool = False, chunk: int = 256) -> list[int]:
+    """Tokens each prompt takes in a rollout, encoded as :func:`encode_prompts` does (chat
+    template included), in chunks of ``chunk`` prompts."""
+    lengths: list[int] = []
+    for start in range(0, len(prompts), chunk):
+        _, mask = encode_prompts(tokenizer, prompts[start:start + chunk],
+                                 chat_template=chat_template)
+        lengths.extend(mask.sum(-1).tolist())
+    return lengths
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

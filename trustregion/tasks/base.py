@@ -70,6 +70,11 @@ class Task(abc.ABC):
         rng = random.Random(seed)
         return [self.sample(rng) for _ in range(n)]
 
+    def all_examples(self) -> Sequence[Example] | None:
+        """Every example the task can draw, when there are finitely many (a dataset); None for
+        a generator. Lets training check every prompt before it starts."""
+        return None
+
     @property
     def reward_function(self) -> RewardFn:
         """The function :meth:`reward` applies (default: :func:`~.rewards.exact_match`)."""

@@ -125,6 +125,9 @@ class JsonlTask(Task):
     def sample(self, rng: random.Random) -> Example:
         return self.data[rng.randrange(len(self.data))]
 
+    def all_examples(self) -> list[Example]:
+        return self.data
+
     @property
     def reward_function(self) -> RewardFn:
         return self._reward_function
