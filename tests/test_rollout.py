@@ -65,6 +65,23 @@ def test_top_k_truncation_renormalises_over_the_kept_tokens(random_model_dir) ->
     assert bool((chosen[mask] >= top3[..., -1][mask] - 1e-9).all())
 
 
+def test_top_p_truncation_renormalises_over_the_nucleus(random_model_dir) -> None:
+    rollout, logits = _rollout(random_model_dir, top_p=0.8)
+    # The nucleus: tokens by descending probability while the mass before each is < 0.8 (the
+    # smallest set holding at least 0.8); log p_trunc(y) = x_y − logsumexp over the nucleus.
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    mass_before = probs.cumsum(-1) - probs
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before < 0.8)
+    nucleus_lse = logits.masked_fill(~kept, -math.inf).logsumexp(-1)
+    chosen = logits.gather(-1, rollout.completion_ids[..., None])[..., 0]
+    mask = rollout.completion_mask
+    assert bool(kept.gather(-1, rollout.completion_ids[..., None])[..., 0][mask].all())
+    torch.testing.assert_close(rollout.behavior_logp[mask].double(),
+                               (chosen - nucleus_lse)[mask], atol=1e-5, rtol=0)
+    full = logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    assert bool((rollout.behavior_logp[mask].double() > full[mask]).any())  # truncation bit
+
+
 def test_topk_records_behaviour_top_ids_plus_the_sampled_token(random_model_dir) -> None:
     rollout, logits = _rollout(random_model_dir, record_topk=2, top_k=3)
     assert rollout.topk_ids is not None and rollout.topk_behavior_logp is not None
