@@ -40,29 +40,28 @@ def binary_kl(prob: Tensor, anchor_prob: Tensor) -> Tensor:
     return q * (q.log() - p.log()) + (1 - q) * (torch.log1p(-q) - torch.log1p(-p))
 
 
-def _topk_parts(topk_logp: Tensor, topk_anchor_logp: Tensor) -> tuple[Tensor, ...]:
-    """Probabilities of the K tracked tokens and of the rest bucket, for π and ν."""
-    p_k = topk_logp.float().exp()
-    q_k = topk_anchor_logp.float().exp()
-    p_rest = (1 - p_k.sum(-1)).clamp(min=_TINY)
-    q_rest = (1 - q_k.sum(-1)).clamp(min=_TINY)
-    return p_k, q_k, p_rest, q_rest
+def _rest(slot_probs: Tensor) -> Tensor:
+    """Probability of the bucket of untracked tokens: 1 − Σ_k p_k, at least a tiny positive."""
+    return (1 - slot_probs.sum(-1)).clamp_(min=_TINY)
 
 
 def topk_tv(topk_logp: Tensor, topk_anchor_logp: Tensor) -> Tensor:
     """½ (Σ_k |ν_k − π_k| + |ν_rest − π_rest|). Unused slots hold −inf (probability 0)."""
-    p_k, q_k, p_rest, q_rest = _topk_parts(topk_logp, topk_anchor_logp)
-    return 0.5 * ((q_k - p_k).abs().sum(-1) + (q_rest - p_rest).abs())
+    # In place on fresh tensors: a [B, T, K] intermediate costs more than the arithmetic.
+    p_k = topk_logp.float().exp()
+    q_k = topk_anchor_logp.float().exp()
+    rest_gap = (_rest(q_k) - _rest(p_k)).abs_()
+    return (q_k.sub_(p_k).abs_().sum(-1) + rest_gap).mul_(0.5)
 
 
 def topk_kl(topk_logp: Tensor, topk_anchor_logp: Tensor) -> Tensor:
     """Σ_k ν_k log(ν_k/π_k) + ν_rest log(ν_rest/π_rest). Unused slots hold −inf (ν_k = 0)."""
-    _, q_k, p_rest, q_rest = _topk_parts(topk_logp, topk_anchor_logp)
-    log_q = topk_anchor_logp.float()
-    log_p = topk_logp.float().clamp(min=-1e4)
-    used = q_k > 0
-    terms = torch.where(used, q_k * (log_q.clamp(min=-1e4) - log_p), torch.zeros_like(q_k))
-    return terms.sum(-1) + q_rest * (q_rest.log() - p_rest.log())
+    q_k = topk_anchor_logp.float().exp()
+    p_rest, q_rest = _rest(topk_logp.float().exp()), _rest(q_k)
+    # Log-probs clamped to −1e4: an unused slot (both −inf, ν_k = 0) adds 0 · 0, and a slot π
+    # gives probability 0 adds a large finite ν_k · (log ν_k + 1e4) instead of inf.
+    log_ratio = topk_anchor_logp.float().clamp(min=-1e4).sub_(topk_logp.float().clamp(min=-1e4))
+    return log_ratio.mul_(q_k).sum(-1) + q_rest * (q_rest.log() - p_rest.log())
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor,
