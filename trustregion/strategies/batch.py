@@ -120,8 +120,9 @@ class TokenBatch:
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming every input that holds NaN or inf, with counts.
 
-        Synchronises with the device, so strategies call it on their first batch only.
-        Masked-out positions are ignored: padding may hold anything.
+        Synchronises with the device, so strategies call it on their first batch only; call it
+        yourself to check every batch. Masked-out positions are ignored: padding may hold
+        anything.
         """
         valid = self.bool_mask()
         problems = []
