@@ -17,7 +17,7 @@ def _batch(**extra: torch.Tensor) -> TokenBatch:
 
 def test_k3_penalty_value_and_gradient() -> None:
     batch = _batch(ref_logp=torch.tensor([[math.log(0.25), 0.0]], dtype=torch.float64))
-    out = ReferenceKL(coef=0.1, estimator="k3")(batch)
+    out = ReferenceKL(beta=0.1, estimator="k3")(batch)
     # x = ln(0.25/0.5) = −ln 2; k3 = 0.5 + ln 2 − 1 = 0.193147; loss = 0.1 · k3
     assert out.token_loss[0].tolist() == pytest.approx([0.1 * (0.5 + math.log(2) - 1), 0.0])
     assert out.metrics["penalty/ref_kl"].item() == pytest.approx(0.5 + math.log(2) - 1)
@@ -41,7 +41,9 @@ def test_missing_inputs_and_bad_settings() -> None:
         ReferenceKL()(_batch())
     with pytest.raises(ValueError, match=r"EntropyBonus needs TokenBatch\.entropy"):
         EntropyBonus()(_batch())
-    with pytest.raises(ValueError, match="coef must be a finite number ≥ 0"):
-        ReferenceKL(coef=-1)
+    with pytest.raises(ValueError, match="ReferenceKL beta must be a finite number ≥ 0"):
+        ReferenceKL(beta=-1)
+    with pytest.raises(ValueError, match="EntropyBonus coef must be a finite number ≥ 0"):
+        EntropyBonus(coef=math.nan)
     with pytest.raises(ValueError, match="unknown KL estimator"):
         ReferenceKL(estimator="k5")  # type: ignore[arg-type]

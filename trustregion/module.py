@@ -174,7 +174,7 @@ class TrustRegionModule(L.LightningModule):
         compute_advantages(advantage_estimator, torch.zeros(group_size), group_size)
         self.penalties: list[ReferenceKL | EntropyBonus] = []
         if kl_coef > 0 and not kl_in_reward:
-            self.penalties.append(ReferenceKL(coef=kl_coef, estimator=kl_estimator))
+            self.penalties.append(ReferenceKL(beta=kl_coef, estimator=kl_estimator))
         elif kl_coef < 0:
             raise ValueError(f"kl_coef must be ≥ 0 (0 turns the penalty off); got {kl_coef}")
         if entropy_coef > 0:

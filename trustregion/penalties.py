@@ -39,16 +39,16 @@ class ReferenceKL:
     use none.
 
     Args:
-        coef: β ≥ 0.
+        beta: the coefficient β ≥ 0 (``TrustRegionModule``'s ``kl_coef``).
         estimator: "k1", "k2" or "k3".
     """
 
-    def __init__(self, coef: float = 0.04, estimator: Literal["k1", "k2", "k3"] = "k3") -> None:
-        require(coef >= 0 and math.isfinite(coef),
-                f"ReferenceKL coef must be a finite number ≥ 0; got {coef}")
+    def __init__(self, beta: float = 0.04, estimator: Literal["k1", "k2", "k3"] = "k3") -> None:
+        require(beta >= 0 and math.isfinite(beta),
+                f"ReferenceKL beta must be a finite number ≥ 0; got {beta}")
         require(estimator in KL_ESTIMATORS,
                 f"unknown KL estimator {estimator!r}; allowed: {KL_ESTIMATORS}")
-        self.coef = coef
+        self.beta = beta
         self.estimator = estimator
 
     def __call__(self, batch: TokenBatch) -> PenaltyOutput:
@@ -61,12 +61,12 @@ class ReferenceKL:
         ref = torch.where(mask, batch.ref_logp.detach().float(), zero)
         kl = kl_estimate(logp, ref, self.estimator)
         return PenaltyOutput(
-            token_loss=torch.where(mask, self.coef * kl, zero),
+            token_loss=torch.where(mask, self.beta * kl, zero),
             metrics={"penalty/ref_kl": masked_mean(kl.detach(), mask)},
         )
 
     def __repr__(self) -> str:
-        return f"ReferenceKL(coef={self.coef!r}, estimator={self.estimator!r})"
+        return f"ReferenceKL(beta={self.beta!r}, estimator={self.estimator!r})"
 
 
 class EntropyBonus:
