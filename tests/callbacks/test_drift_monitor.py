@@ -220,21 +220,28 @@ def test_on_train_batch_end_writes_every_n_steps_then_resets() -> None:
     first = {"rollout": None, "updates": [record(hand_batch(slice(0, 1)))]}
     second = {"rollout": None, "updates": [record(hand_batch(slice(1, 2)))]}
     trainer.end_batch(monitor, module, first)
-    assert trainer.written == [] and module.logged == []
+    assert trainer.written == []
+    # The progress bar shows every batch on its own. Sequence 1: k3 = 0, ln2 − ½, 1 − ln2
+    # (Σ = ½ over 3 tokens); DRPO (δ = 0.15) puts b (Â > 0, π − μ = 0.25) outside: 1/3.
+    (kl, kl_kwargs), (outside, outside_kwargs) = module.logged
+    assert float(kl["kl"]) == pytest.approx(0.5 / 3)
+    assert float(outside["outside"]) == pytest.approx(1 / 3)
+    assert kl_kwargs["prog_bar"] and not kl_kwargs["logger"] and outside_kwargs["prog_bar"]
     trainer.end_batch(monitor, module, second)
     ((values, step),) = trainer.written
     assert step == 1  # Lightning's step for the second batch
     assert list(values) == DriftMonitor.metric_names(["behavior", "old", "ref"])
-    assert_values(values, BEHAVIOR, "drift/behavior/")
+    assert_values(values, BEHAVIOR, "drift/behavior/")  # the window: both sequences
     assert {k: float(v) for k, v in trainer.callback_metrics.items()} == pytest.approx(values)
-    (kl, kl_kwargs), (outside, outside_kwargs) = module.logged
-    assert float(kl["kl"]) == pytest.approx(BEHAVIOR["kl_k3"])
-    assert float(outside["outside"]) == pytest.approx(0.4)
-    assert kl_kwargs["prog_bar"] and not kl_kwargs["logger"] and outside_kwargs["prog_bar"]
+    # Sequence 2: k3 of d = ln2 − ½, of e = 3 − 2 ln2 (Σ = 2.5 − ln2); e (Â < 0, π − μ = −0.6)
+    # is outside: 1/2.
+    (kl, _), (outside, _) = module.logged[2:]
+    assert float(kl["kl"]) == pytest.approx((2.5 - LN2) / 2)
+    assert float(outside["outside"]) == pytest.approx(0.5)
     assert not any(m.update_called for m in monitor._metrics())  # reset after logging
     trainer.end_batch(monitor, module, {"rollout": None})
     trainer.end_batch(monitor, module, None)
-    assert len(trainer.written) == 1 and len(module.logged) == 2  # nothing without updates
+    assert len(trainer.written) == 1 and len(module.logged) == 4  # nothing without updates
 
 
 def test_default_window_follows_log_every_n_steps_and_closes_at_the_last_batch() -> None:

@@ -67,9 +67,6 @@ class WindowedMonitor(L.Callback):
         """Rollout batches per logged value under ``trainer``."""
         return self.every_n_steps or max(log_every_n_steps(trainer), 1)
 
-    def on_logged(self, pl_module: L.LightningModule, values: dict[str, Tensor]) -> None:
-        """Called with the values just written (for progress-bar entries); does nothing here."""
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         for record in update_records(outputs):
@@ -81,4 +78,3 @@ class WindowedMonitor(L.Callback):
         self.reset()
         if values:
             log_step_values(trainer, values, to_loggers=log_every_n_steps(trainer) > 0)
-            self.on_logged(pl_module, values)

@@ -43,8 +43,9 @@ The tokens were sampled from μ, not π: k1 and k3 are the usual per-token drift
 those tokens (as inference/training mismatch monitors log them), not unbiased estimates of
 KL(π‖ν).
 
-For the progress bar (not sent to loggers) it also logs ``kl`` (= ``drift/behavior/kl_k3``) and
-``outside`` (= ``region/outside_frac``).
+For the progress bar (not sent to loggers) it also logs, after every rollout batch whatever the
+logging window, that batch's ``kl`` (``drift/behavior/kl_k3``) and ``outside``
+(``region/outside_frac``), on this process's tokens.
 
 Example:
     >>> trainer = L.Trainer(callbacks=[DriftMonitor()])   # doctest: +SKIP
@@ -53,13 +54,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from trustregion.callbacks._windowed import WindowedMonitor
+from trustregion.callbacks._windowed import WindowedMonitor, update_records
+from trustregion.functional.divergences import kl_estimate
 from trustregion.metrics.drift import (
     PAIR_STATISTICS,
     REGION_STATISTICS,
@@ -71,13 +74,32 @@ from trustregion.metrics.drift import (
 if TYPE_CHECKING:
     from trustregion.strategies import StrategyOutput, TokenBatch
 
-__all__ = ["PAIRS", "PROGRESS_BAR", "DriftMonitor"]
+__all__ = ["PAIRS", "PROGRESS_BAR", "DriftMonitor", "progress_bar_values"]
 
 PAIRS: dict[str, str] = {"behavior": "behavior_logp", "old": "old_logp", "ref": "ref_logp"}
 """Drift pair name → the ``TokenBatch`` field holding the other policy's log-probs."""
 
 PROGRESS_BAR: dict[str, str] = {"kl": "drift/behavior/kl_k3", "outside": "region/outside_frac"}
-"""Progress-bar name → the logged key it repeats."""
+"""Progress-bar name → the logged key it shows for the latest rollout batch alone."""
+
+
+def progress_bar_values(records: Sequence[Any]) -> dict[str, Tensor]:
+    """``kl`` (mean k3 of π vs μ) and ``outside`` (fraction beyond the region) over the masked
+    tokens of one rollout batch's update records; empty without tokens."""
+    if not records:
+        return {}
+    kl = outside = count = None
+    for record in records:
+        batch, mask = record.batch, record.batch.bool_mask()
+        k3 = torch.where(mask, kl_estimate(batch.logp.detach(), batch.behavior_logp.detach()),
+                         0.0).sum()
+        beyond = (record.output.outside & mask).sum()
+        kl = k3 if kl is None else kl + k3
+        outside = beyond if outside is None else outside + beyond
+        count = mask.sum() if count is None else count + mask.sum()
+    assert kl is not None and outside is not None and count is not None
+    tokens = count.clamp(min=1).float()
+    return {"kl": kl / tokens, "outside": outside.float() / tokens}
 
 
 class DriftMonitor(WindowedMonitor):
@@ -145,8 +167,9 @@ class DriftMonitor(WindowedMonitor):
         for metric in self._metrics():
             metric.reset()
 
-    def on_logged(self, pl_module: L.LightningModule, values: dict[str, Tensor]) -> None:
-        for name, key in PROGRESS_BAR.items():
-            if key in values:
-                pl_module.log(name, values[key], prog_bar=True, logger=False, on_step=True,
-                              on_epoch=False, sync_dist=False, batch_size=1)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        for name, value in progress_bar_values(update_records(outputs)).items():
+            pl_module.log(name, value, prog_bar=True, logger=False, on_step=True,
+                          on_epoch=False, sync_dist=False, batch_size=1)
