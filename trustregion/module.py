@@ -52,7 +52,7 @@ from trustregion.rollout import (
     prompt_lengths,
 )
 from trustregion.specs import to_spec
-from trustregion.step_logging import log_step_values, writes_logs
+from trustregion.step_logging import flush_step_values, log_step_values, writes_logs
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
 
@@ -265,6 +265,10 @@ class TrustRegionModule(L.LightningModule):
         records, update_metrics = self.update(rollout, batch.index)
         self._log_step(rollout, update_metrics, batch_idx)
         return {"rollout": rollout, "updates": records}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning runs this after every callback's hook: the row holds the monitors' values.
+        flush_step_values(self.trainer)
 
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample, score and compute advantages (and old/reference log-probs if needed)."""

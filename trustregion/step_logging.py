@@ -5,22 +5,26 @@ torchmetrics-backed result entry and copies its metadata), so the module's twent
 metrics and the monitors' fifty-odd drift keys would spend a third of a quickstart step in
 bookkeeping. These values are plain per-step scalars that need none of that machinery (no
 epoch aggregation; anything that must be reduced across ranks is reduced before it gets here),
-so :func:`log_step_values` copies them to the host at once and hands them to the trainer's
-logger connector — the call Lightning itself makes for step metrics, at the same step, so every
-logger (CSV, TensorBoard, ...) files them in the same rows and, with a logger,
-``trainer.logged_metrics`` shows them — and puts them in ``trainer.callback_metrics``, where
-``ModelCheckpoint`` and ``EarlyStopping`` can monitor them.
+so :func:`log_step_values` puts them in ``trainer.callback_metrics`` at once (where
+``ModelCheckpoint`` and ``EarlyStopping`` can monitor them) and gathers them into one row per
+rollout batch, which :func:`flush_step_values` copies to the host at once and hands to the
+trainer's logger connector — the call Lightning itself makes for step metrics, at the same step,
+so every logger (CSV, TensorBoard, ...) gets one row per rollout batch holding the module's and
+every monitor's values, and, with a logger, ``trainer.logged_metrics`` shows them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 import lightning as L
 import torch
 from torch import Tensor
 
 __all__ = [
+    "flush_step_values",
     "is_final_batch",
     "log_every_n_steps",
     "log_step_values",
@@ -58,17 +62,58 @@ def writes_logs(trainer: L.Trainer, batch_idx: int) -> bool:
                           or is_final_batch(trainer, batch_idx))
 
 
-def log_step_values(trainer: L.Trainer, values: Mapping[str, Tensor],
+@dataclass
+class _Row:
+    """Values waiting to be written as one logger row."""
+
+    step: int
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+
+_PENDING: WeakKeyDictionary[L.Trainer, _Row] = WeakKeyDictionary()
+
+
+def _scalar(value: Tensor | float, device: torch.device | None) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().float().reshape(())
+    return torch.tensor(float(value), device=device)
+
+
+def log_step_values(trainer: L.Trainer, values: Mapping[str, Tensor | float],
                     to_loggers: bool = True) -> None:
-    """Put scalar tensors in ``trainer.callback_metrics`` and, if ``to_loggers``, write them to
-    every logger of ``trainer`` at :func:`logging_step` (with an ``epoch`` column, as Lightning
-    adds to its own rows), with one device-to-host copy."""
+    """Put scalars in ``trainer.callback_metrics`` at once and, if ``to_loggers``, add them to
+    the row written at :func:`logging_step` by :func:`flush_step_values`, so the module's and
+    every monitor's values for one rollout batch share one row (one host copy per row)."""
     if not values:
         return
-    keys = list(values)
-    stacked = torch.stack([values[key].detach().float().reshape(()) for key in keys])
-    trainer.callback_metrics.update(zip(keys, stacked.unbind(), strict=True))
-    if to_loggers:
-        scalars = dict(zip(keys, stacked.cpu().tolist(), strict=True))
-        # Without a step the connector files the row at logging_step() and adds the epoch.
+    device = next((v.device for v in values.values() if isinstance(v, Tensor)), None)
+    scalars = {key: _scalar(value, device) for key, value in values.items()}
+    trainer.callback_metrics.update(scalars)
+    if not to_loggers:
+        return
+    step = logging_step(trainer)
+    row = _PENDING.get(trainer)
+    if row is not None and row.step != step:
+        flush_step_values(trainer)
+        row = None
+    if row is None:
+        row = _PENDING[trainer] = _Row(step)
+    row.values.update(scalars)
+
+
+def flush_step_values(trainer: L.Trainer) -> None:
+    """Write the pending row of ``trainer`` to every logger. ``TrustRegionModule`` calls it in
+    its ``on_train_batch_end``, which Lightning runs after every callback's; a row left pending
+    is also written before the next step's values and at the end of training."""
+    row = _PENDING.pop(trainer, None)
+    if row is None or not row.values:
+        return
+    keys = list(row.values)
+    floats = torch.stack([row.values[key] for key in keys]).cpu().tolist()
+    scalars = dict(zip(keys, floats, strict=True))
+    if row.step == logging_step(trainer):
+        # Without a step the connector files the row at logging_step() and adds the epoch,
+        # exactly as for Lightning's own rows.
         trainer._logger_connector.log_metrics(scalars)
+    else:
+        trainer._logger_connector.log_metrics(scalars, step=row.step)

@@ -278,7 +278,7 @@ def test_skip_restores_the_weights_exactly(random_model_dir) -> None:
     assert [r["fired"] for r in record.after] == [0.0, 1.0, 0.0]
     kl = [r["kl"] for r in record.after]
     assert kl[1] > 1.0 > 0.1 > max(kl[0], kl[2])
-    assert trainer.logged_metrics["guard/kl"] == pytest.approx(kl[2])
+    assert trainer.callback_metrics["guard/kl"] == pytest.approx(kl[2])
     # the state before iteration 1 is the state after iteration 0 (``before`` is recorded after
     # the perturbation); the behaviour model is the clean one again
     for key in ("policy", "behavior"):

@@ -179,7 +179,7 @@ def test_scale_and_widths_survive_a_checkpoint_round_trip(random_model_dir, tmp_
     trainer.fit(module)
     assert controller.scale == pytest.approx(1.02**2)
     assert module.trust_region.delta == pytest.approx(0.15 * 1.02**2)
-    logged = trainer.logged_metrics
+    logged = trainer.callback_metrics
     assert {"controller/scale", "controller/observed", "controller/delta"} <= set(logged)
     assert not any(k in logged for k in ("controller/delta_low", "controller/delta_high"))
     assert logged["controller/delta"].item() == pytest.approx(0.15 * 1.02**2)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from trustregion.callbacks import DriftMonitor
 from trustregion.metrics import PairDrift, linear_quantile
+from trustregion.step_logging import flush_step_values
 from trustregion.strategies import DRPO, DivergenceMask, TokenBatch, TrustRegionStrategy
 
 LN2 = math.log(2)
@@ -203,15 +204,17 @@ class _Trainer:
         self.written: list[tuple[dict[str, float], int]] = []
         self._logger_connector = SimpleNamespace(log_metrics=self._log_metrics)
 
-    def _log_metrics(self, values: dict[str, float]) -> None:
+    def _log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Lightning's connector files a row without a step at ``_batches_that_stepped``."""
-        self.written.append((values, self.fit_loop.epoch_loop._batches_that_stepped))
+        self.written.append((values, self.fit_loop.epoch_loop._batches_that_stepped
+                             if step is None else step))
 
     def end_batch(self, monitor: DriftMonitor, module: _Module, outputs: Any) -> None:
         """One training batch: the monitor's hook, then Lightning's step counter."""
         loop = self.fit_loop.epoch_loop
         monitor.on_train_batch_end(self, module, outputs, None,  # type: ignore[arg-type]
                                    loop._batches_that_stepped)
+        flush_step_values(self)  # type: ignore[arg-type]  # as TrustRegionModule does next
         loop._batches_that_stepped += 1
 
 

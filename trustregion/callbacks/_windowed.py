@@ -12,6 +12,7 @@ import lightning as L
 from torch import Tensor
 
 from trustregion.step_logging import (
+    flush_step_values,
     is_final_batch,
     log_every_n_steps,
     log_step_values,
@@ -78,3 +79,6 @@ class WindowedMonitor(L.Callback):
         self.reset()
         if values:
             log_step_values(trainer, values, to_loggers=log_every_n_steps(trainer) > 0)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        flush_step_values(trainer)  # the last row, when the module does not write it itself

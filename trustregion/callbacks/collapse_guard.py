@@ -68,6 +68,7 @@ from torch import Tensor
 from trustregion.functional.divergences import kl_estimate
 from trustregion.functional.masked import masked_count, masked_sum
 from trustregion.functional.ratios import importance_ratio
+from trustregion.step_logging import log_step_values, writes_logs
 
 if TYPE_CHECKING:
     from trustregion.module import UpdateRecord
@@ -401,7 +402,7 @@ class CollapseGuard(L.Callback):
         self._pre_iteration = None
         logged = {"guard/fired": float(bool(fired)),
                   **{f"guard/{k}": v for k, v in signals.items()}}
-        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
+        log_step_values(trainer, logged, to_loggers=writes_logs(trainer, batch_idx))
 
     def _act(self, trainer: L.Trainer, pl_module: L.LightningModule,
              fired: list[tuple[str, str]], restore: bool) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from trustregion.functional.divergences import kl_estimate
 from trustregion.functional.masked import masked_count, masked_sum
+from trustregion.step_logging import log_step_values, writes_logs
 from trustregion.strategies.base import TrustRegionStrategy
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class TrustRegionController(L.Callback):
         logged = {"controller/scale": self.scale,
                   **({"controller/observed": observed} if observed is not None else {}),
                   **{f"controller/{k}": float(v) for k, v in current_widths(strategy).items()}}
-        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
+        log_step_values(trainer, logged, to_loggers=writes_logs(trainer, batch_idx))
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
