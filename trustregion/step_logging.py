@@ -109,7 +109,9 @@ def flush_step_values(trainer: L.Trainer) -> None:
     if row is None or not row.values:
         return
     keys = list(row.values)
-    floats = torch.stack([row.values[key] for key in keys]).cpu().tolist()
+    # Callbacks may log Python numbers (host scalars) beside the module's device tensors.
+    device = row.values[keys[0]].device
+    floats = torch.stack([row.values[key].to(device) for key in keys]).cpu().tolist()
     scalars = dict(zip(keys, floats, strict=True))
     if row.step == logging_step(trainer):
         # Without a step the connector files the row at logging_step() and adds the epoch,
