@@ -272,7 +272,8 @@ class TrustRegionModule(L.LightningModule):
 
     def rollout(self, batch: PromptBatch) -> Rollout:
         """Sample, score and compute advantages (and old/reference log-probs if needed)."""
-        self._check_prompt_lengths([ex.prompt for ex in batch.examples])
+        if self.task.all_examples() is None:  # a dataset was checked whole in on_fit_start
+            self._check_prompt_lengths([ex.prompt for ex in batch.examples])
         with self._seeded(derive_seed(self.seed, 2 * batch.index)):
             rollout = generate_rollout(
                 self.behavior, self.tokenizer, batch.examples,
