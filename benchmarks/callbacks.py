@@ -14,8 +14,9 @@ identically). Reported, as medians over all timed rollout batches of all repeats
   (rollout, update and the monitors' work);
 * monitors: time spent inside the monitors' ``on_train_batch_end``, measured directly, which is
   far less noisy than a difference of step times on a busy machine; "of which log" is the part
-  spent writing values (the monitors' one call to the logger connector, and
-  ``LightningModule.log`` for the two progress-bar entries);
+  spent handing values to the module's step log (``StepLog.add`` for the logger row and
+  ``StepLog.show`` for the progress-bar entries); the row itself is written once per rollout
+  batch by the module, after the monitors, and counts in the step time;
 * overhead: monitors / (step − monitors), and the difference of median step times (Δ step).
 """
 
@@ -32,7 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from trustregion.callbacks import DriftMonitor, ShadowStrategies, _windowed
+from trustregion.callbacks import DriftMonitor, ShadowStrategies
 from trustregion.cli import TrustRegionCLI
 
 SETTINGS: dict[str, Callable[[], list[L.Callback]]] = {
@@ -43,12 +44,9 @@ SETTINGS: dict[str, Callable[[], list[L.Callback]]] = {
 }
 
 
-LOG_STEP_VALUES = _windowed.log_step_values
-
-
 class _Clock:
     """Per timed rollout batch: step wall time, time inside the monitors' ``on_train_batch_end``
-    and, of that, time inside ``LightningModule.log``."""
+    and, of that, time inside the step log's ``add`` and ``show``."""
 
     def __init__(self) -> None:
         self.started = 0.0
@@ -60,17 +58,15 @@ class _Clock:
 
 class _StepStart(L.Callback):
     """First callback: starts the step clock, opens the per-step slots, and times the module's
-    ``log`` and the monitors' ``log_step_values`` while a monitor runs."""
+    step log (``add`` and ``show``) while a monitor runs."""
 
     def __init__(self, clock: _Clock) -> None:
         self.clock = clock
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        pl_module.log = self._timed(pl_module.log)
-        _windowed.log_step_values = self._timed(_windowed.log_step_values)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        _windowed.log_step_values = LOG_STEP_VALUES
+        step_log = pl_module.step_log  # this run's own StepLog: wrapped on the instance
+        step_log.add = self._timed(step_log.add)
+        step_log.show = self._timed(step_log.show)
 
     def _timed(self, write: Callable[..., None]) -> Callable[..., None]:
         clock = self.clock

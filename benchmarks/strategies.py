@@ -29,7 +29,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dppo(binary_kl)": {"name": "dppo", "divergence": "binary_kl"},
     "dppo(topk_tv)": {"name": "dppo", "divergence": "topk_tv"},
     "dppo(topk_kl)": {"name": "dppo", "divergence": "topk_kl"},
-    "ratio_clip(dual_clip=3)": {"name": "ratio_clip", "dual_clip": 3.0},
+    "ratio_clip(dual_clip_cap=3)": {"name": "ratio_clip", "dual_clip_cap": 3.0},
 }
 """Label → strategy spec, measured besides every registered strategy at its defaults."""
 
@@ -64,7 +64,7 @@ def measure(spec: dict[str, Any], batch: int, length: int, repeats: int,
     lengths = torch.randint(length // 4, length + 1, (batch,), generator=gen)
     mask = torch.arange(length)[None, :] < lengths[:, None]
     advantages = torch.randn(batch, generator=gen)
-    k = 9  # K = 8 tracked tokens (DPPO's default top_k) + the sampled token's slot
+    k = 9  # K = 8 tracked tokens (DPPO's default divergence_top_k) + the sampled token's slot
     topk_behavior = (torch.rand(batch, length, k, generator=gen) / k).log()
     topk_policy = (torch.rand(batch, length, k, generator=gen) / k).log()
     settings = dict(spec)
@@ -124,9 +124,9 @@ def main() -> None:
     base = results["pg_is"]
     print(f"B={args.batch} T={args.time}, forward+backward incl. metrics, median of "
           f"{args.repeats} (CPU, {args.threads or _threads()} threads)")
-    print(f"{'strategy':<26}{'ms':>8}{'× pg_is':>9}{'peak MiB':>10}{'× pg_is':>9}")
+    print(f"{'strategy':<30}{'ms':>8}{'× pg_is':>9}{'peak MiB':>10}{'× pg_is':>9}")
     for label, r in results.items():
-        print(f"{label:<26}{r['ms']:>8.2f}{r['ms'] / base['ms']:>9.2f}{r['peak_mib']:>10.1f}"
+        print(f"{label:<30}{r['ms']:>8.2f}{r['ms'] / base['ms']:>9.2f}{r['peak_mib']:>10.1f}"
               f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):>9.2f}")
     worst = max(results, key=lambda label: results[label]["ms"] / base["ms"])
     ratio = results[worst]["ms"] / base["ms"]

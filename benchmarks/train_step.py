@@ -32,8 +32,8 @@ class PhaseTimer(L.Callback):
 
         def timed_rollout(batch: Any) -> Any:
             start = time.perf_counter()
-            result = rollout(batch)
-            self.rollout.append((time.perf_counter() - start, int(result.lengths.sum())))
+            result = rollout(batch)  # (rollout, stats)
+            self.rollout.append((time.perf_counter() - start, int(result[0].lengths.sum())))
             return result
 
         def timed_update(result: Any, index: int) -> Any:
@@ -41,7 +41,7 @@ class PhaseTimer(L.Callback):
             out = update(result, index)
             tokens = int(result.prompt_mask.sum() + result.completion_mask.sum())
             self.update.append((time.perf_counter() - start,
-                                tokens * pl_module.hparams.ppo_epochs))
+                                tokens * pl_module.batching.ppo_epochs))
             return out
 
         pl_module.rollout, pl_module.update = timed_rollout, timed_update
@@ -63,7 +63,7 @@ def main() -> None:
                                "--trainer.enable_progress_bar=false",
                                "--trainer.callbacks=null"], run=False)
     module = cli.model
-    hp = module.hparams
+    batching, sampling = module.batching, module.sampling
     steps_per_rollout = module.optimizer_steps_per_rollout
     timer = PhaseTimer()
     trainer = L.Trainer(max_steps=(args.steps + 1) * steps_per_rollout, logger=False,
@@ -73,9 +73,9 @@ def main() -> None:
     rollout_rate, rollout_s = _rate(timer.rollout)
     update_rate, update_s = _rate(timer.update)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"config {args.config}: {hp.prompts_per_step} prompts × {hp.group_size} completions, "
-          f"max_new_tokens {hp.max_new_tokens}, ppo_epochs {hp.ppo_epochs}, "
-          f"{args.steps} timed steps")
+    print(f"config {args.config}: {batching.prompts_per_step} prompts × {batching.group_size} "
+          f"completions, max_new_tokens {sampling.max_new_tokens}, ppo_epochs "
+          f"{batching.ppo_epochs}, {args.steps} timed steps")
     print(f"rollout: {rollout_rate:10.0f} generated tokens/s  ({rollout_s:.3f} s per step)")
     print(f"update:  {update_rate:10.0f} tokens/s              ({update_s:.3f} s per step)")
     print(f"peak resident memory: {peak:.0f} MiB")

@@ -2,6 +2,7 @@
 
 * every registered strategy has a page ``docs/strategies/<name>.md`` that names every metric key
   the strategy actually returns, and shows how to select it by name;
+* the strategies index table lists exactly the registered built-ins, each with its class;
 * every page under ``docs/`` is in the ``mkdocs.yml`` nav, and every nav entry exists;
 * every relative link between pages points to an existing file (and heading, for ``#anchors``);
 * the concepts page names every shared ``trust_region/*`` key and every key the module logs.
@@ -36,6 +37,8 @@ FENCED_CODE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+TABLE_HEADER = re.compile(r"^\|\s*name\s*\|\s*class\s*\|")
+INDEX_ROW = re.compile(r"^\|\s*\[`([a-z0-9_]+)`\]\(([^)\s]+)\)\s*\|\s*`(\w+)`\s*\|")
 MODULE_KEY = re.compile(r"[\"']((?:reward|response|train|penalty)/[a-z0-9_]+)[\"']")
 
 
@@ -119,6 +122,40 @@ def test_every_metric_key_is_documented(name: str) -> None:
     assert not missing, f"{page.name} does not list metric key(s) {missing}"
 
 
+def _table_rows(text: str) -> list[str]:
+    """The body rows of the first table whose header starts ``| name | class |``."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if TABLE_HEADER.match(line)), None)
+    assert start is not None, "no table with a header starting | name | class |"
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its |---| line
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_the_strategies_index_lists_exactly_the_registered_built_ins() -> None:
+    rows = _table_rows(_page(DOCS / "strategies" / "index.md"))
+    listed: dict[str, str] = {}
+    for row in rows:
+        match = INDEX_ROW.match(row)
+        assert match, f"strategies/index.md: a row not of the form | [`name`](name.md) | " \
+                      f"`Class` | ...: {row}"
+        name, link, cls = match.groups()
+        assert name not in listed, f"strategies/index.md lists {name!r} twice"
+        assert link == f"{name}.md", f"strategies/index.md: {name!r} links to {link}"
+        listed[name] = cls
+    built_ins = {name: strategy_class(name).__name__ for name in STRATEGIES
+                 if strategy_class(name).__module__.startswith("trustregion.")}
+    missing = sorted(set(built_ins) - set(listed))
+    assert not missing, f"strategies/index.md does not list registered strategies {missing}"
+    unknown = sorted(set(listed) - set(built_ins))
+    assert not unknown, f"strategies/index.md lists unregistered strategies {unknown}"
+    wrong = {name: (cls, built_ins[name]) for name, cls in listed.items() if cls != built_ins[name]}
+    assert not wrong, f"strategies/index.md names the wrong class (listed, registered): {wrong}"
+
+
 def test_every_page_is_in_the_nav() -> None:
     nav = _nav()
     listed = {DOCS / f for f in nav}
@@ -153,3 +190,80 @@ def test_concepts_names_every_logged_key() -> None:
     assert {"reward/mean", "train/loss", "penalty/ref_kl"} <= logged  # the scan finds keys
     missing = sorted(key for key in [*shared, *logged] if f"`{key}`" not in text)
     assert not missing, f"concepts.md does not describe logged key(s) {missing}"
+
+
+# ------------------------------------------------------------------- the command-line page
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.M | re.S)
+PRINT_CONFIG = re.compile(r"<!-- print-config: (\S+) -->\n```yaml\n(.*?)^```", re.M | re.S)
+
+
+def _section(path: Path, heading: str) -> str:
+    """The text of the section under ``## heading``, up to the next ``##`` heading."""
+    text = _page(path)
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_cli_settings_table_names_every_module_setting() -> None:
+    import inspect
+
+    from trustregion.batching import BatchSettings
+    from trustregion.module import TrustRegionModule
+    from trustregion.rollout import SamplingSettings
+
+    table = _section(DOCS / "cli.md", "Module settings")
+    names = [p for p in inspect.signature(TrustRegionModule.__init__).parameters if p != "self"]
+    names += [f"sampling.{f}" for f in SamplingSettings.__dataclass_fields__]
+    names += [f"batching.{f}" for f in BatchSettings.__dataclass_fields__]
+    names = [n for n in names if n not in ("sampling", "batching")]  # listed field by field
+    missing = [name for name in names if f"`{name}`" not in table]
+    assert not missing, f"cli.md's module settings table does not list {missing}"
+
+
+def test_cli_print_config_excerpt_is_the_real_output(capsys, tmp_path, monkeypatch) -> None:
+    from trustregion.cli import main
+
+    ((config, excerpt),) = PRINT_CONFIG.findall(_page(DOCS / "cli.md"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert yaml.safe_load(excerpt) == {"model": printed["model"]}, \
+        f"re-run `trustregion fit --config {config} --print_config` and paste its model: section"
+
+
+def _part_examples() -> list[str]:
+    sections = [_section(DOCS / "cli.md", "Choosing the optimiser, schedule, sampling, batching "
+                                          "and penalties"),
+                _section(DOCS / "concepts.md", "Penalties: reference KL and entropy bonus")]
+    return [block for text in sections for block in YAML_BLOCK.findall(text)]
+
+
+def _contains(built: Any, given: Any) -> bool:
+    """Every value ``given`` sets is in ``built`` (which also holds the defaults)."""
+    if isinstance(given, dict):
+        return isinstance(built, dict) and all(_contains(built.get(k), v)
+                                               for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(built, list) and len(built) == len(given) and all(
+            _contains(b, g) for b, g in zip(built, given, strict=True))
+    if isinstance(given, float):
+        return built == pytest.approx(given)
+    return bool(built == given)
+
+
+@pytest.mark.parametrize("block", _part_examples())
+def test_the_parts_examples_build_a_module(block: str, tmp_path, monkeypatch) -> None:
+    from trustregion.cli import TrustRegionCLI
+
+    given = yaml.safe_load(block)["model"]
+    path = tmp_path / "part.yaml"
+    path.write_text(block)
+    monkeypatch.chdir(tmp_path)
+    quickstart = ROOT / "examples" / "configs" / "quickstart.yaml"
+    module = TrustRegionCLI(args=["--config", str(quickstart), "--config", str(path)],
+                            run=False).model
+    for key, value in given.items():
+        assert _contains(module.hparams[key], value), (key, module.hparams[key])

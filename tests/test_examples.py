@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from trustregion.batching import BatchSettings
 from trustregion.cli import TrustRegionCLI
+from trustregion.rollout import SamplingSettings
 from trustregion.strategies import strategy_class
 from trustregion.tasks import TASKS
 
@@ -44,16 +46,45 @@ def test_example_config_instantiates(path: Path, tmp_path, monkeypatch) -> None:
     assert type(module.task) is TASKS[task.pop("name")]
     for key, value in task.items():
         assert getattr(module.task, key) == value, key
-    for key in ("group_size", "prompts_per_step", "mini_batch_size", "sync_every"):
+    assert module.batching == BatchSettings(**config["model"].get("batching", {}))
+    assert module.sampling == SamplingSettings(**config["model"].get("sampling", {}))
+    assert "max_new_tokens" in config["model"]["sampling"]  # every example sets its horizon
+    for key in ("sync_every", "advantage_estimator", "aggregation"):
         if key in config["model"]:
             assert getattr(module, key) == config["model"][key], key
-    for key in ("advantage_estimator", "aggregation"):
-        if key in config["model"]:
-            assert getattr(module, key) == config["model"][key], key
-    assert module.sampling.max_new_tokens == config["model"]["max_new_tokens"]
+    _assert_parts_built(module, config["model"])
     assert cli.trainer.max_steps == config["trainer"]["max_steps"]
     for entry in config["trainer"].get("callbacks", []):
         _assert_callback_built(cli.trainer.callbacks, entry)
+
+
+def _class(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _assert_parts_built(module: Any, model: dict[str, Any]) -> None:
+    """The penalties, optimiser and scheduler the config names are the module's."""
+    penalties = model.get("penalties") or []
+    assert len(module.penalties) == len(penalties)
+    for penalty, entry in zip(module.penalties, penalties, strict=True):
+        spec = {"class_path": entry} if isinstance(entry, str) else entry
+        assert type(penalty) is _class(spec["class_path"])
+        for key, value in spec.get("init_args", {}).items():
+            assert _same(getattr(penalty, key), value), f"{spec['class_path']}.{key}"
+    assert (module.reference is not None) is any(p.needs_reference for p in module.penalties)
+    optimizer = module.optimizer_factory(module.policy.parameters())
+    if "optimizer" in model:
+        spec = model["optimizer"]
+        assert type(optimizer) is _class(spec["class_path"])
+        for key, value in spec.get("init_args", {}).items():
+            assert _same(optimizer.defaults[key], value), f"optimizer {key}"
+    scheduler = module.lr_scheduler_factory(optimizer)
+    if "lr_scheduler" in model:
+        spec = model["lr_scheduler"]
+        assert type(scheduler) is _class(spec["class_path"])
+        for key, value in spec.get("init_args", {}).items():
+            assert _same(getattr(scheduler, key), value), f"lr_scheduler {key}"
 
 
 def _same(attribute: Any, value: Any) -> bool:
@@ -67,8 +98,7 @@ def _same(attribute: Any, value: Any) -> bool:
 
 def _assert_callback_built(callbacks: list[Any], entry: str | dict[str, Any]) -> None:
     spec = {"class_path": entry} if isinstance(entry, str) else entry
-    module_name, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
+    cls = _class(spec["class_path"])
     built = [callback for callback in callbacks if type(callback) is cls]
     assert built, f"{spec['class_path']} is not among the trainer's callbacks"
     for key, value in spec.get("init_args", {}).items():

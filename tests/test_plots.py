@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -13,20 +14,29 @@ from conftest import DigitRichArithmetic
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from trustregion.callbacks import DriftPlots
+from trustregion.batching import BatchSettings
+from trustregion.callbacks import DriftMonitor, DriftPlots
 from trustregion.cli import main
+from trustregion.interface import StepOutput
 from trustregion.module import TrustRegionModule
+from trustregion.optim import AdamW
 from trustregion.plots import (
+    DRIFT_PANELS,
     TOKEN_SAMPLE_COLUMNS,
+    drift_panel_keys,
     find_metrics_csv,
     load_metrics,
+    load_run_strategy,
     load_token_samples,
     plot_drift_panel,
     plot_reward,
     plot_weight_vs_shift,
     render_run,
     strategy_label,
+    weight_chart_title,
 )
+from trustregion.rollout import SamplingSettings
+from trustregion.strategies import DRPO, METRIC_PREFIX, SHARED_METRICS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -109,20 +119,62 @@ def test_find_metrics_csv_errors(tmp_path) -> None:
         render_run(tmp_path / "missing")
 
 
-@pytest.mark.parametrize(("name", "text"), [
-    ("config.yaml", "model:\n  trust_region: {name: drpo, delta: 0.1, delta_low: null}\n"),
-    ("config.yaml", "model:\n  trust_region:\n    class_path: my.pkg.MyClip\n"
-                    "    init_args: {epsilon: 0.2}\n"),
-    ("hparams.yaml", "trust_region:\n  class_path: my.pkg.MyClip\n  init_args: {epsilon: 0.2}\n"),
-    ("hparams.yaml", "trust_region: {name: drpo, delta: 0.1}\n"),
-])
-def test_the_weight_chart_names_the_strategy_from_the_run_files(tmp_path, name, text) -> None:
-    from trustregion.plots import _strategy_from_files
+# The label lists every hyperparameter the rebuilt strategy has, as DriftPlots' live title does.
+DRPO_LABEL = "DRPO(delta=0.1, anchor=behavior)"
+CLIP_LABEL = "RatioClip(epsilon=0.1, anchor=behavior)"
+CLIP = "trustregion.strategies.ratio_clip.RatioClip"
 
-    assert _strategy_from_files(tmp_path) is None
+
+@pytest.mark.parametrize(("name", "text", "label"), [
+    ("config.yaml", "model:\n  trust_region: {name: drpo, delta: 0.1, delta_low: null}\n",
+     DRPO_LABEL),
+    ("config.yaml", f"model:\n  trust_region:\n    class_path: {CLIP}\n"
+                    "    init_args: {epsilon: 0.1}\n", CLIP_LABEL),
+    ("hparams.yaml", f"trust_region:\n  class_path: {CLIP}\n  init_args: {{epsilon: 0.1}}\n",
+     CLIP_LABEL),
+    ("hparams.yaml", "trust_region: {name: drpo, delta: 0.1}\n", DRPO_LABEL),
+    ("hparams.yaml", "trust_region: ratio_clip\n", "RatioClip(epsilon=0.2, anchor=behavior)"),
+])
+def test_the_weight_chart_names_the_strategy_from_the_run_files(tmp_path, name, text,
+                                                                label) -> None:
+    assert load_run_strategy(tmp_path) is None
     (tmp_path / name).write_text(text)
-    label = strategy_label(*_strategy_from_files(tmp_path))
-    assert label in ("DRPO(delta=0.1)", "MyClip(epsilon=0.2)")
+    strategy = load_run_strategy(tmp_path)
+    assert strategy is not None
+    assert strategy_label(type(strategy).__name__, strategy.hparams()) == label
+    assert weight_chart_title(strategy) == f"{label}: gradient weight against probability shift"
+    assert weight_chart_title(None) == ""
+
+
+def test_the_module_hparams_name_the_strategy_before_the_cli_config(tmp_path) -> None:
+    (tmp_path / "config.yaml").write_text("model:\n  trust_region: {name: drpo, delta: 0.1}\n")
+    (tmp_path / "hparams.yaml").write_text(f"trust_region: {{class_path: {CLIP}}}\n")
+    assert type(load_run_strategy(tmp_path)).__name__ == "RatioClip"
+    # files that name no strategy are passed over
+    (tmp_path / "hparams.yaml").write_text("lr: 0.001\n")
+    assert type(load_run_strategy(tmp_path)).__name__ == "DRPO"
+    (tmp_path / "config.yaml").write_text("trainer: {max_steps: 1}\n")
+    assert load_run_strategy(tmp_path) is None
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("trust_region: {class_path: my.pkg.MyClip, init_args: {epsilon: 0.2}}\n",
+     "cannot import class_path 'my.pkg.MyClip'"),
+    ("trust_region: {name: drpo, delta: -1.0}\n", "delta"),
+    ("trust_region: {name: no_such_strategy}\n", "no_such_strategy"),
+])
+def test_a_strategy_that_cannot_be_rebuilt_is_reported(tmp_path, text, reason) -> None:
+    (tmp_path / "hparams.yaml").write_text(text)
+    with pytest.warns(UserWarning, match=r"cannot rebuild the strategy named in .*hparams\.yaml"
+                      ) as caught:
+        assert load_run_strategy(tmp_path) is None
+    assert reason in str(caught[0].message)
+
+
+def test_invalid_yaml_is_an_error(tmp_path) -> None:
+    (tmp_path / "hparams.yaml").write_text("trust_region: [unclosed\n")
+    with pytest.raises(ValueError, match=r"hparams\.yaml is not valid YAML"):
+        load_run_strategy(tmp_path)
 
 
 def test_strategy_label_leaves_out_unset_settings() -> None:
@@ -159,6 +211,36 @@ def test_charts_without_data_are_skipped(tmp_path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.csv").write_text("step,foo\n0,\n1,\n")
     assert render_run(tmp_path / "run") == []
+
+
+def test_each_drift_panel_line_reads_one_logged_key() -> None:
+    keys = drift_panel_keys()
+    assert len(keys) == len(set(keys))  # no statistic drawn twice
+    monitor = set(DriftMonitor.metric_names(["behavior", "ref"]))
+    for key in keys:
+        if key.startswith(METRIC_PREFIX):
+            assert key[len(METRIC_PREFIX):] in SHARED_METRICS, key
+        elif key.startswith(("drift/", "region/")):
+            assert key in monitor, key
+    # The out-of-region fraction and its split by the sign of Â are the strategy's own metric,
+    # which every run logs; only the split by μ comes from DriftMonitor.
+    outside = [key for key in keys if "outside_frac" in key]
+    assert outside == [METRIC_PREFIX + "outside_frac", METRIC_PREFIX + "outside_frac_pos_adv",
+                       METRIC_PREFIX + "outside_frac_neg_adv",
+                       *(f"region/outside_frac_nu_{b}" for b in ("0_0.01", "0.01_0.1",
+                                                                 "0.1_0.5", "0.5_1"))]
+    titles = [panel.title for panel in DRIFT_PANELS]
+    assert titles.index("Trust region: tokens affected") < titles.index(
+        "Outside the region, by μ")
+
+
+def test_the_drift_panel_draws_the_strategy_outside_fraction_only(tmp_path) -> None:
+    # DriftMonitor's windowed region/outside_frac is not what the panel draws: alone it draws
+    # nothing; the strategy's trust_region/outside_frac draws the panel.
+    windowed = {"region/outside_frac": [(0, 0.1), (1, 0.2)]}
+    assert plot_drift_panel(windowed, tmp_path / "a.png") is None
+    strategy = {"trust_region/outside_frac": [(0, 0.1), (1, 0.2)]}
+    _check_png(plot_drift_panel(strategy, tmp_path / "b.png"))
 
 
 @pytest.mark.parametrize("tokens", [60, 5000])  # a scatter, then a 2-D histogram
@@ -219,22 +301,25 @@ def test_bad_settings(kwargs, message) -> None:
 
 
 # ----------------------------------------------------------------------------- a real run
-SMALL = {"group_size": 4, "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
-         "max_new_tokens": 5}
+SMALL = {"batching": BatchSettings(group_size=4, prompts_per_step=2, mini_batch_size=4,
+                                   micro_batch_size=2),
+         "sampling": SamplingSettings(max_new_tokens=5)}
 
 
 class _Keep(L.Callback):
     def __init__(self) -> None:
-        self.outputs: list[dict] = []
+        self.outputs: list[StepOutput] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.outputs.append(outputs)
+        step = StepOutput.of(outputs)
+        assert step is not None
+        self.outputs.append(step)
 
 
 def _fit(random_model_dir: Path, steps: int, callbacks: list, **trainer) -> TrustRegionModule:
     torch.manual_seed(0)
     module = TrustRegionModule(policy=f"config:{random_model_dir}", task=DigitRichArithmetic(),
-                               lr=1e-2, **SMALL)
+                               optimizer=partial(AdamW, lr=1e-2), **SMALL)
     L.Trainer(max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, log_every_n_steps=1, callbacks=callbacks,
               **trainer).fit(module)
@@ -242,7 +327,7 @@ def _fit(random_model_dir: Path, steps: int, callbacks: list, **trainer) -> Trus
 
 
 @pytest.fixture(scope="module")
-def real_run(random_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+def real_run(random_model_dir, tmp_path_factory) -> tuple[Path, list[StepOutput]]:
     """Three rollout batches (two optimiser steps each) with DriftPlots and a CSV logger."""
     root = tmp_path_factory.mktemp("real-run")
     keep = _Keep()
@@ -261,8 +346,8 @@ def test_drift_plots_writes_charts_and_token_samples(real_run) -> None:
     assert tuple(rows[0]) == TOKEN_SAMPLE_COLUMNS
 
     # fewer tokens than the reservoir holds: the file has every masked token of every update
-    expected = DriftPlots.token_rows([r for out in outputs for r in out["updates"]], step=0)
-    n_tokens = sum(int(r.batch.bool_mask().sum()) for out in outputs for r in out["updates"])
+    expected = DriftPlots.token_rows([r for out in outputs for r in out.updates], step=0)
+    n_tokens = sum(int(r.batch.bool_mask().sum()) for out in outputs for r in out.updates)
     assert len(rows) == n_tokens == len(expected["delta"])
     assert sorted({int(row["step"]) for row in rows}) == [0, 1, 2]
 
@@ -274,7 +359,7 @@ def test_drift_plots_writes_charts_and_token_samples(real_run) -> None:
     # within a step by update, as the records are)
     pi, mu, weight = [], [], []
     for out in outputs:
-        for record in out["updates"]:
+        for record in out.updates:
             mask = record.batch.bool_mask()
             pi.append(record.batch.logp[mask].double().exp())
             mu.append(record.batch.behavior_logp[mask].double().exp())
@@ -294,17 +379,9 @@ def test_plot_command_renders_a_real_run(real_run, capsys) -> None:
     assert printed == [str(plots / name)
                        for name in ("reward.png", "drift.png", "weight_vs_shift.png")]
     assert (plots / "weight_vs_shift.png").stat().st_size > 10_000
-
-
-def test_plot_command_errors(tmp_path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["plot", str(tmp_path / "missing")])
-    assert exit_info.value.code == 2
-    assert "no such run directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["plot", "--help"])
-    assert exit_info.value.code == 0
-    assert "usage: trustregion plot" in capsys.readouterr().out
+    # the title's strategy comes from the hparams.yaml the run's logger wrote
+    strategy = load_run_strategy(plots.parent)
+    assert isinstance(strategy, DRPO) and strategy.hparams() == DRPO().hparams()
 
 
 def test_drift_plots_without_a_logger(random_model_dir, tmp_path) -> None:

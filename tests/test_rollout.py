@@ -103,10 +103,12 @@ def test_topk_records_behaviour_top_ids_plus_the_sampled_token(random_model_dir)
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
-        ({"top_p": 0.0}, "top_p must lie in"),
-        ({"top_k": -1}, "top_k must be ≥ 0"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be ≥ 1"),
+        ({"temperature": 0.0}, r"temperature must be a finite number in \(0.0, inf\)"),
+        ({"top_p": 0.0}, r"top_p must be a finite number in \(0.0, 1.0\]"),
+        ({"top_k": -1}, "top_k must be an integer ≥ 0"),
+        ({"top_k": 2.5}, "top_k must be an integer ≥ 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer ≥ 1"),
+        ({"max_new_tokens": 4.0}, "max_new_tokens must be an integer ≥ 1"),
     ],
 )
 def test_bad_sampling_settings(settings: dict, message: str) -> None:

@@ -13,9 +13,11 @@ name with settings (``trust_region: {name: drpo, delta: 0.1}``) or as a class pa
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse.typing import register_type
@@ -26,7 +28,7 @@ from trustregion.specs import strategy_from_spec, task_from_spec, to_spec
 from trustregion.strategies import DRPO, TrustRegionStrategy, available_strategies, strategy_class
 from trustregion.tasks import Arithmetic, Task
 
-__all__ = ["TrustRegionCLI", "main"]
+__all__ = ["TrustRegionCLI", "main", "plot_command"]
 
 
 _STRATEGY_BASE: type = TrustRegionStrategy  # abstract: registered for parsing, never built
@@ -64,6 +66,31 @@ def describe_strategies() -> str:
     return "\n".join(lines)
 
 
+def plot_command(args: Sequence[str]) -> None:
+    """``trustregion plot RUN_DIR``: draw a run's charts (:func:`trustregion.plots.render_run`)
+    and print their paths; exits with status 2 on a bad path and 1 when nothing is drawn."""
+    parser = argparse.ArgumentParser(
+        prog="trustregion plot",
+        description="Draw a run's charts (reward.png, drift.png and, when the DriftPlots "
+                    "callback saved token samples, weight_vs_shift.png) into the plots/ folder "
+                    "beside its metrics.csv.",
+        epilog="RUN_DIR is a run directory (e.g. runs/quickstart: its latest "
+               "csv/version_N is used), a version directory or a metrics.csv file.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                        help="run directory, version directory or metrics.csv")
+    options = parser.parse_args(list(args))
+    from trustregion.plots import render_run  # matplotlib only when plotting
+
+    try:
+        paths = render_run(options.run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    if not paths:
+        parser.exit(1, f"trustregion plot: nothing to draw in {options.run_dir}\n")
+    for path in paths:
+        print(path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trustregion`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -71,8 +98,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(describe_strategies())
         return
     if args[:1] == ["plot"]:
-        from trustregion.plots import plot_command  # matplotlib only when plotting
-
         plot_command(args[1:])
         return
     TrustRegionCLI(args=None if argv is None else args)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from trustregion.tasks.base import Example, Task
+from trustregion.tasks import Example, Task
+from trustregion.validation import integer_at_least
 
 __all__ = ["PromptBatch", "PromptStream", "derive_seed"]
 
@@ -32,10 +33,8 @@ class PromptStream:
     """Iterable of :class:`PromptBatch` starting at batch ``start``; endless (set ``max_steps``)."""
 
     def __init__(self, task: Task, batch_size: int, seed: int = 0, start: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1 prompt; got {batch_size}")
         self.task = task
-        self.batch_size = batch_size
+        self.batch_size = integer_at_least("batch_size", batch_size, 1, note="prompts per batch")
         self.seed = seed
         self.start = start
 

@@ -2,59 +2,71 @@
 
 One training step of Lightning is one RL iteration:
 
-1. the **behaviour** model samples ``group_size`` completions for each of ``prompts_per_step``
-   prompts and records the log-prob of every sampled token under the distribution it sampled
-   from (see :mod:`trustregion.rollout`);
-2. the task's reward function scores them and an advantage estimator turns rewards into
-   advantages;
+1. the **behaviour** model samples ``group_size`` completions for each prompt and records the
+   log-prob of every sampled token under the distribution it sampled from (see
+   :mod:`trustregion.rollout`); with several processes each rank samples its share of the
+   prompts, whole groups per rank;
+2. the task's reward function scores them, in-reward penalties are subtracted and an advantage
+   estimator turns rewards into advantages;
 3. ``ppo_epochs`` passes over shuffled mini-batches follow, each mini-batch one optimiser step
-   (gradient accumulation over micro-batches, global token counts, gradient clipping), through
-   ``trust_region`` and the chosen aggregation.
+   (gradient accumulation over micro-batches, token and sequence counts of the whole step
+   summed over ranks, gradient clipping), through ``trust_region`` and the chosen aggregation;
+4. the step's values, reduced across ranks, go into the :class:`~trustregion.step_log.StepLog`
+   row that callbacks add to, and ``training_step`` returns a
+   :class:`~trustregion.interface.StepOutput` for them.
 
 The behaviour model is a frozen copy of the policy re-synchronised every ``sync_every``
 optimiser steps, so staleness is a setting, like an asynchronous inference engine.
-The module never looks at which strategy it holds.
+The module never looks at which strategy or penalty it holds.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from trustregion.advantages import AdvantageEstimator, compute_advantages
+from trustregion.batching import BatchSettings
 from trustregion.data import PromptBatch, PromptStream, derive_seed
 from trustregion.functional.aggregation import (
     AggregationMode,
+    StepCounts,
     aggregate,
     check_aggregation,
     step_counts,
 )
 from trustregion.functional.logprobs import gather_logprobs, token_entropy, token_logprobs
-from trustregion.metric_reduction import MetricAccumulator
-from trustregion.models.loading import TINY, load_model
-from trustregion.penalties import EntropyBonus, PenaltyOutput, ReferenceKL
+from trustregion.interface import StepOutput, UpdateRecord
+from trustregion.metric_reduction import MetricAccumulator, Reduce, reduce_across_ranks
+from trustregion.models.loading import TINY, load_model, prepare_tokenizer
+from trustregion.optim import AdamW, LinearWarmup
+from trustregion.penalties import Penalty
 from trustregion.rollout import (
     Rollout,
+    RolloutStats,
     SamplingSettings,
     completion_logits,
     generate_rollout,
     prompt_lengths,
 )
 from trustregion.specs import to_spec
-from trustregion.step_logging import flush_step_values, log_step_values, writes_logs
+from trustregion.step_log import StepLog
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
+from trustregion.validation import integer_at_least, number_in
 
 __all__ = ["TrustRegionModule", "UpdateRecord"]
 
@@ -64,25 +76,38 @@ __all__ = ["TrustRegionModule", "UpdateRecord"]
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
-
-@dataclass
-class UpdateRecord:
-    """What one micro-batch update saw, detached: the per-token inputs and the strategy's
-    per-token output. Returned from ``training_step`` for callbacks."""
-
-    batch: TokenBatch
-    output: StrategyOutput
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}")
+_MODELS = ("policy", "behavior")
+"""The models whose weights a training state holds (the reference never changes)."""
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _callable_spec(value: Any) -> Any:
+    """A config form of an optimiser or scheduler callable for ``hparams.yaml``: a class as
+    ``{class_path}``, a ``functools.partial`` of one with its keywords as ``init_args``; the
+    CLI's own form (already a dict) is kept."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    func = getattr(value, "func", None)
+    target = func if isinstance(func, type) else value
+    if not isinstance(target, type):
+        return repr(value)
+    spec: dict[str, Any] = {"class_path": f"{target.__module__}.{target.__qualname__}"}
+    if target is func and getattr(value, "keywords", None):
+        spec["init_args"] = dict(value.keywords)
+    return spec
+
+
+def _penalty_spec(penalty: Penalty) -> dict[str, Any]:
+    cls = type(penalty)
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {name: getattr(penalty, name) for name in names
+                          if hasattr(penalty, name)}}
 
 
 class TrustRegionModule(L.LightningModule):
@@ -93,24 +118,24 @@ class TrustRegionModule(L.LightningModule):
             (``drpo``), ``{name: drpo, delta: 0.1}`` or ``{class_path: ..., init_args: ...}``.
         task: prompts and verifiable rewards; default ``Arithmetic()``.
         policy: model source (see :mod:`trustregion.models.loading`).
-        reference: source of the frozen reference model for the KL penalty; None uses a frozen
-            copy of the initial policy (only built when ``kl_coef > 0``).
-        sync_every: optimiser steps between behaviour-model syncs (1: behaviour = policy at
-            every rollout).
-        group_size: completions per prompt (≥ 2: every advantage estimator is group-relative).
-        prompts_per_step: prompts per RL iteration.
-        ppo_epochs: passes over each rollout batch.
-        mini_batch_size: sequences per optimiser step.
-        micro_batch_size: sequences per forward/backward (gradient accumulation); None = mini.
+        reference: source of the frozen reference model; None uses a frozen copy of the
+            initial policy. Built only when a penalty needs it.
+        sampling: how the behaviour model samples (temperature, top-p, top-k,
+            ``max_new_tokens``).
+        batching: group size, prompts per step, PPO epochs, mini- and micro-batch sizes.
         advantage_estimator: ``grpo``, ``dr_grpo`` or ``rloo``.
         aggregation: loss aggregation mode; ``seq-mean-token-sum-norm`` uses
-            ``max_new_tokens`` as its fixed horizon.
-        temperature, top_p, top_k, max_new_tokens: behaviour sampling settings.
-        kl_coef, kl_estimator: reference-KL penalty β and estimator (0 turns it off).
-        kl_in_reward: subtract β · Σ_t (log μ − log π_ref) from each sequence's reward before
-            advantages (the InstructGPT form) instead of adding β · KL to the loss.
-        entropy_coef: entropy bonus coefficient (0 turns it off).
-        lr, weight_decay, warmup_steps, max_grad_norm: AdamW, linear warm-up, clipping.
+            ``sampling.max_new_tokens`` as its fixed horizon.
+        penalties: strategy-independent terms (:mod:`trustregion.penalties`): a reference-KL
+            penalty in the loss or in the reward, an entropy bonus, or your own ``Penalty``.
+        optimizer: parameters → optimiser (Lightning's ``OptimizerCallable``); default
+            :class:`~trustregion.optim.AdamW` (lr 1e-4).
+        lr_scheduler: optimiser → scheduler stepped once per optimiser step
+            (``LRSchedulerCallable``); default :class:`~trustregion.optim.LinearWarmup`
+            without warm-up (a constant rate).
+        max_grad_norm: gradient-norm clipping threshold.
+        sync_every: optimiser steps between behaviour-model syncs (1: behaviour = policy at
+            every rollout).
         chat_template: wrap prompts in the tokenizer's chat template.
         pad_token: set this token as the tokenizer's pad token when it has none.
         seed: seeds prompts, sampling and mini-batch shuffling, step by step.
@@ -122,26 +147,15 @@ class TrustRegionModule(L.LightningModule):
         task: Task | None = None,
         policy: str = TINY,
         reference: str | None = None,
-        sync_every: int = 1,
-        group_size: int = 8,
-        prompts_per_step: int = 8,
-        ppo_epochs: int = 1,
-        mini_batch_size: int = 64,
-        micro_batch_size: int | None = None,
+        sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen)
+        batching: BatchSettings = BatchSettings(),  # noqa: B008 (frozen)
         advantage_estimator: AdvantageEstimator = "grpo",
         aggregation: AggregationMode = "token-mean",
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 16,
-        kl_coef: float = 0.0,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
-        kl_in_reward: bool = False,
-        entropy_coef: float = 0.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
+        penalties: list[Penalty] | None = None,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable = LinearWarmup,
         max_grad_norm: float = 1.0,
+        sync_every: int = 1,
         chat_template: bool = False,
         pad_token: str | None = None,
         seed: int = 0,
@@ -153,85 +167,154 @@ class TrustRegionModule(L.LightningModule):
             raise ValueError(f"trust_region must be a TrustRegionStrategy; got "
                              f"{type(self.trust_region).__name__}")
         self.task = task if task is not None else Arithmetic()
-        for name in ("sync_every", "group_size", "prompts_per_step", "ppo_epochs",
-                     "mini_batch_size"):
-            _require_positive_int(name, locals()[name])
-        if micro_batch_size is not None:
-            _require_positive_int("micro_batch_size", micro_batch_size)
-        if group_size < 2:
-            raise ValueError(f"group_size must be ≥ 2: the advantage estimator "
-                             f"{advantage_estimator!r} compares completions within a group; "
-                             f"got {group_size}")
-        check_aggregation(aggregation, max_new_tokens)
-        self.sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
-                                         max_new_tokens=max_new_tokens)
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite number > 0; got {lr}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0; got {max_grad_norm}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be ≥ 0; got {warmup_steps}")
-        compute_advantages(advantage_estimator, torch.zeros(group_size), group_size)
-        self.penalties: list[ReferenceKL | EntropyBonus] = []
-        if kl_coef > 0 and not kl_in_reward:
-            self.penalties.append(ReferenceKL(beta=kl_coef, estimator=kl_estimator))
-        elif kl_coef < 0:
-            raise ValueError(f"kl_coef must be ≥ 0 (0 turns the penalty off); got {kl_coef}")
-        if entropy_coef > 0:
-            self.penalties.append(EntropyBonus(coef=entropy_coef))
-        elif entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be ≥ 0; got {entropy_coef}")
+        for name, value, kind in (("sampling", sampling, SamplingSettings),
+                                  ("batching", batching, BatchSettings)):
+            if not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__name__}; got {type(value).__name__}")
+        integer_at_least("sync_every", sync_every, 1)
+        check_aggregation(aggregation, sampling.max_new_tokens)
+        compute_advantages(advantage_estimator, torch.zeros(batching.group_size),
+                           batching.group_size)
+        number_in("max_grad_norm", max_grad_norm, 0.0)
+        self.penalties: list[Penalty] = list(penalties or [])
+        for penalty in self.penalties:
+            if not isinstance(penalty, Penalty):
+                raise ValueError(f"every penalty must be a trustregion.penalties.Penalty; got "
+                                 f"{type(penalty).__name__}")
 
         self.policy, self.tokenizer = load_model(policy)
-        if self.tokenizer.pad_token is None:
-            if pad_token is None:
-                raise ValueError(
-                    f"the tokenizer of {policy!r} has no pad token, which batched generation "
-                    "needs; set pad_token (for example to the tokenizer's eos token "
-                    f"{self.tokenizer.eos_token!r})")
-            self.tokenizer.pad_token = pad_token
-        if chat_template and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                f"chat_template=True, but the tokenizer of {policy!r} has no chat template; "
-                "set chat_template=False to send the prompts as plain text")
-        self.tokenizer.padding_side = "left"
+        prepare_tokenizer(self.tokenizer, policy, pad_token=pad_token,
+                          chat_template=chat_template)
         self.policy.train()
         self.behavior: PreTrainedModel = _frozen(copy.deepcopy(self.policy))
         self.reference: PreTrainedModel | None = None
-        if kl_coef > 0:
+        if any(p.needs_reference for p in self.penalties):
             self.reference = _frozen(copy.deepcopy(self.policy) if reference is None
                                      else load_model(reference)[0])
 
-        self.group_size = group_size
-        self.prompts_per_step = prompts_per_step
-        self.ppo_epochs = ppo_epochs
-        self.mini_batch_size = mini_batch_size
-        self.micro_batch_size = micro_batch_size or mini_batch_size
+        self.sampling = sampling
+        self.batching = batching
         self.sync_every = sync_every
         self.advantage_estimator: AdvantageEstimator = advantage_estimator
         self.aggregation: AggregationMode = aggregation
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._check_optimizer()
         self.max_grad_norm = max_grad_norm
         self.chat_template = chat_template
-        self.kl_coef = kl_coef
-        self.kl_in_reward = kl_in_reward
         self.seed = seed
-        # The strategy and the task in their config form (hparams.yaml shows every setting, and
-        # `trustregion fit --ckpt_path` rebuilds them from the checkpoint as configured).
-        self.save_hyperparameters(ignore=["trust_region", "task"])
-        self.save_hyperparameters({**self.hparams, "trust_region": to_spec(self.trust_region),
-                                   "task": to_spec(self.task)})
+        self._save_config_form()
         self.steps_since_sync = 0
         self.next_prompt_batch = 0
-        self.record_topk = 0
-        """Record at least this many top-K behaviour log-probs per token, beyond what the
-        strategy needs (callbacks that evaluate other strategies raise it in ``setup``)."""
+        self._record_topk = 0
+        self._step_log = StepLog()
+
+    def _check_optimizer(self) -> None:
+        """Build the optimiser and scheduler once on the policy's parameters, so a bad setting
+        fails at construction, not at the first step."""
+        try:
+            optimizer = self.optimizer_factory(self.policy.parameters())
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the optimizer could not be built on the policy's parameters: "
+                             f"{err}") from err
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
+                raise ValueError(f"the optimizer's learning rate must be a finite number > 0; "
+                                 f"got {lr!r}")
+        try:
+            self.lr_scheduler_factory(optimizer)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the lr_scheduler could not be built: {err}") from err
+
+    def _save_config_form(self) -> None:
+        """Hyperparameters in their config form, so ``hparams.yaml`` shows every setting and
+        ``trustregion fit --ckpt_path`` rebuilds the run as configured."""
+        self.save_hyperparameters(ignore=["trust_region", "task", "sampling", "batching",
+                                          "penalties"])
+        given = dict(self.hparams)
+        self.save_hyperparameters({
+            **given,
+            "trust_region": to_spec(self.trust_region),
+            "task": to_spec(self.task),
+            "sampling": asdict(self.sampling),
+            "batching": asdict(self.batching),
+            "penalties": [_penalty_spec(p) for p in self.penalties] or None,
+            "optimizer": _callable_spec(given.get("optimizer", self.optimizer_factory)),
+            "lr_scheduler": _callable_spec(given.get("lr_scheduler",
+                                                     self.lr_scheduler_factory)),
+        })
+
+    # ------------------------------------------------------------ interface for callbacks
+    @property
+    def strategy(self) -> TrustRegionStrategy:
+        """The trust-region strategy being trained with."""
+        return self.trust_region
+
+    @property
+    def step_log(self) -> StepLog:
+        """The current rollout batch's logger row and progress-bar values."""
+        return self._step_log
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimiser steps one rollout batch makes, each counted in ``trainer.global_step``:
+        ``ppo_epochs`` × ⌈group_size · prompts_per_step / mini_batch_size⌉."""
+        return self.batching.optimizer_steps_per_rollout
+
+    @property
+    def behavior_topk(self) -> int:
+        """Top-K behaviour log-probs recorded per token: what the strategy needs, or more when
+        a callback asked (:meth:`request_behavior_topk`)."""
+        return max(self.trust_region.behavior_topk, self._record_topk)
+
+    def request_behavior_topk(self, k: int) -> None:
+        """Record at least ``k`` top-K behaviour log-probs per token from now on (for callbacks
+        that evaluate other strategies on the same tokens)."""
+        integer_at_least("k", k, 0)
+        self._record_topk = max(self._record_topk, k)
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything that undoing an iteration must restore: the policy's and behaviour's
+        parameters and buffers, every optimiser's and scheduler's state, and the behaviour-sync
+        counter. Tensors are the live ones; copy before keeping. The prompt position and the
+        trainer's step counter are not part of it (an undone iteration still counts)."""
+        return {
+            "models": {name: {**dict(getattr(self, name).named_parameters()),
+                              **dict(getattr(self, name).named_buffers())} for name in _MODELS},
+            "optimizers": [o.state_dict() for o in self._optimizers()],
+            "schedulers": [s.state_dict() for s in self._schedulers()],
+            "counters": {"steps_since_sync": self.steps_since_sync},
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`training_state`: weights are copied in place, optimiser and
+        scheduler states loaded (they adopt the given tensors), counters set."""
+        with torch.no_grad():
+            for name, saved in state["models"].items():
+                model = getattr(self, name)
+                live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                for key, value in saved.items():
+                    live[key].copy_(value)
+        for optimizer, saved in zip(self._optimizers(), state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self._schedulers(), state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        self.steps_since_sync = int(state["counters"]["steps_since_sync"])
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        return list(optimizers) if isinstance(optimizers, list | tuple) else [optimizers]
+
+    def _schedulers(self) -> list[Any]:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return list(schedulers) if isinstance(schedulers, list | tuple) else [schedulers]
 
     # ----------------------------------------------------------------------------- data
     def train_dataloader(self) -> PromptStream:
-        return PromptStream(self.task, self.prompts_per_step, seed=self.seed,
+        return PromptStream(self.task, self.batching.prompts_per_step, seed=self.seed,
                             start=self.next_prompt_batch)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device,
@@ -240,101 +323,185 @@ class TrustRegionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.lr,
-                                      weight_decay=self.weight_decay)
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    @property
-    def optimizer_steps_per_rollout(self) -> int:
-        """Optimiser steps one rollout batch makes, each counted in ``trainer.global_step``:
-        ``ppo_epochs`` × ⌈group_size · prompts_per_step / mini_batch_size⌉."""
-        sequences = self.group_size * self.prompts_per_step
-        return self.ppo_epochs * -(-sequences // self.mini_batch_size)
+    # ---------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        self.batching.check_world_size(self.trainer.world_size)
+
+    def on_fit_start(self) -> None:
+        # A dataset's prompts are all checked before the first rollout, so a long one drawn late
+        # cannot end a run hours in; generated tasks are checked batch by batch.
+        examples = self.task.all_examples()
+        if examples:
+            self._check_prompt_lengths([ex.prompt for ex in examples])
 
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
-        """One RL iteration. Returns ``{"rollout": Rollout, "updates": [UpdateRecord, ...]}``
-        (all detached) for callbacks: the sampled batch with rewards and advantages, and the
-        per-token inputs and strategy outputs of every micro-batch update."""
+        """One RL iteration; returns a :class:`~trustregion.interface.StepOutput` for callbacks
+        (read it with ``StepOutput.of(outputs)``)."""
+        self.step_log.start(self.trainer, batch.index)
         self.next_prompt_batch = batch.index + 1
-        rollout = self.rollout(batch)
-        records, update_metrics = self.update(rollout, batch.index)
-        self._log_step(rollout, update_metrics, batch_idx)
-        return {"rollout": rollout, "updates": records}
+        rollout, stats = self.rollout(batch)
+        records, token_metrics = self.update(rollout, batch.index)
+        metrics = self.step_metrics(stats, token_metrics)
+        self.step_log.add(metrics, write=self.step_log.logging_batch(batch_idx))
+        self.step_log.show({"reward": metrics["reward/mean"], "loss": metrics["train/loss"]})
+        step = StepOutput(rollout=rollout, stats=stats, updates=tuple(records), metrics=metrics)
+        return step.as_training_step_output()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Lightning runs this after every callback's hook: the row holds the monitors' values.
-        flush_step_values(self.trainer)
+        # Lightning runs this after every callback's on_train_batch_end (its documented hook
+        # order), so the row holds the callbacks' values too.
+        self.step_log.finish(self)
 
-    def rollout(self, batch: PromptBatch) -> Rollout:
-        """Sample, score and compute advantages (and old/reference log-probs if needed)."""
+    def on_train_end(self) -> None:
+        self.step_log.finish(self)
+
+    def local_examples(self, batch: PromptBatch) -> list[Any]:
+        """This process's share of a prompt batch: a contiguous slice of whole prompts."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world <= 1:
+            return list(batch.examples)
+        share = len(batch.examples) // world
+        return list(batch.examples[rank * share:(rank + 1) * share])
+
+    def rollout(self, batch: PromptBatch) -> tuple[Rollout, RolloutStats]:
+        """Sample this process's share of ``batch`` and score it."""
+        examples = self.local_examples(batch)
         if self.task.all_examples() is None:  # a dataset was checked whole in on_fit_start
-            self._check_prompt_lengths([ex.prompt for ex in batch.examples])
-        with self._seeded(derive_seed(self.seed, 2 * batch.index)):
-            rollout = generate_rollout(
-                self.behavior, self.tokenizer, batch.examples,
-                group_size=self.group_size, sampling=self.sampling,
-                topk=max(self.trust_region.behavior_topk, self.record_topk),
-                chat_template=self.chat_template)
+            self._check_prompt_lengths([ex.prompt for ex in examples])
+        seed = derive_seed(self.seed, 2 * batch.index)
+        if self.trainer.world_size > 1:
+            seed = derive_seed(seed, self.trainer.global_rank + 1)
+        with self._seeded(seed):
+            rollout = self.sample(examples)
+        return self.score(rollout)
+
+    def sample(self, examples: Sequence[Any]) -> Rollout:
+        """``group_size`` completions per example from the behaviour model."""
+        return generate_rollout(
+            self.behavior, self.tokenizer, examples, group_size=self.batching.group_size,
+            sampling=self.sampling, topk=self.behavior_topk, chat_template=self.chat_template)
+
+    def score(self, rollout: Rollout) -> tuple[Rollout, RolloutStats]:
+        """Rewards, old and reference log-probs if needed, in-reward penalties, advantages."""
         rollout.rewards = self.task.reward(rollout.completions, rollout.examples).to(self.device)
         with torch.no_grad():
             if self.trust_region.anchor == "old":
                 rollout.old_logp = self._completion_logp(self.policy, rollout)
             if self.reference is not None:
                 rollout.ref_logp = self._completion_logp(self.reference, rollout)
-        shaped = rollout.rewards
-        self._reward_kl: Tensor | None = None
-        if self.kl_in_reward and rollout.ref_logp is not None:
-            log_ratio = torch.where(rollout.completion_mask,
-                                    rollout.behavior_logp - rollout.ref_logp, 0.0)
-            self._reward_kl = self.kl_coef * log_ratio.sum(-1)
-            shaped = rollout.rewards - self._reward_kl
-        advantages = compute_advantages(self.advantage_estimator, shaped, self.group_size)
+        penalty: Tensor | None = None
+        for term in self.penalties:
+            if term.in_reward:
+                amount = term.reward_penalty(rollout.behavior_logp, rollout.ref_logp,
+                                             rollout.completion_mask)
+                penalty = amount if penalty is None else penalty + amount
+        shaped = rollout.rewards if penalty is None else rollout.rewards - penalty
+        advantages = compute_advantages(self.advantage_estimator, shaped,
+                                        self.batching.group_size)
         rollout.advantages = advantages.values
-        self._frac_reward_zero_std = advantages.frac_reward_zero_std
-        return rollout
+        groups = len(rollout) // self.batching.group_size
+        stats = RolloutStats(rewards=rollout.rewards, lengths=rollout.lengths,
+                             zero_std_groups=advantages.frac_reward_zero_std * groups,
+                             groups=groups, reward_penalty=penalty)
+        return rollout, stats
 
     def update(self, rollout: Rollout, index: int
                ) -> tuple[list[UpdateRecord], dict[str, Tensor]]:
-        """``ppo_epochs`` passes of optimiser steps over shuffled mini-batches of ``rollout``."""
+        """``ppo_epochs`` passes of optimiser steps over shuffled mini-batches of ``rollout``.
+        Returns the update records and the step's training values, reduced across ranks."""
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         assert isinstance(optimizer, LightningOptimizer)
-        assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+        _, mini_size, micro_size = self.batching.per_rank(self.trainer.world_size)
         shuffle = torch.Generator().manual_seed(derive_seed(self.seed, 2 * index + 1))
         records: list[UpdateRecord] = []
         token_metrics = MetricAccumulator()
         step_losses, grad_norms = [], []
-        for _ in range(self.ppo_epochs):
+        for _ in range(self.batching.ppo_epochs):
             order = torch.randperm(len(rollout), generator=shuffle).to(self.device)
-            for mini_index in order.split(self.mini_batch_size):
-                micro_batches = [rollout.select(i)
-                                 for i in mini_index.split(self.micro_batch_size)]
-                counts = step_counts([m.completion_mask for m in micro_batches])
+            for mini_index in order.split(mini_size):
+                micro_batches = [rollout.select(i) for i in mini_index.split(micro_size)]
+                counts = self._global_counts([m.completion_mask for m in micro_batches])
                 step_loss = torch.zeros((), device=self.device)
                 for micro in micro_batches:
                     loss, record, metrics = self._micro_step(micro, counts)
-                    self.manual_backward(loss)
+                    # Data-parallel gradients are averaged over ranks; the counts are global,
+                    # so each rank's loss is its share of the step's loss: undo the average.
+                    self.manual_backward(loss * self.trainer.world_size)
                     records.append(record)
                     token_metrics.add(metrics, record.batch.mask,
                                       record.batch.token_advantages())
                     step_loss = step_loss + loss.detach()
                 step_losses.append(step_loss)
                 grad_norms.append(self._clip_and_step(optimizer, scheduler))
+        reduce = self._reduce()
+        metrics = token_metrics.compute(reduce)
+        sums, _, _ = reduce_across_ranks(reduce, {"loss": torch.stack(step_losses).sum()})
         norms = torch.stack(grad_norms)
-        metrics = token_metrics.compute()
-        metrics["train/loss"] = torch.stack(step_losses).mean()
-        metrics["train/grad_norm"] = norms[norms.isfinite()].mean() if norms.isfinite().any() \
+        finite = norms.isfinite()
+        metrics["train/loss"] = (sums["loss"] / len(step_losses)).float()
+        metrics["train/grad_norm"] = norms[finite].mean() if finite.any() \
             else torch.tensor(float("nan"))
-        metrics["train/skipped_steps"] = (~norms.isfinite()).sum().float()
+        metrics["train/skipped_steps"] = (~finite).sum().float()
         return records, metrics
 
-    def _clip_and_step(self, optimizer: LightningOptimizer,
-                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Tensor:
+    def step_metrics(self, stats: RolloutStats, token_metrics: Mapping[str, Tensor]
+                     ) -> dict[str, Tensor]:
+        """The module's values of one rollout batch, over every rank: reward, response
+        length, learning rate and the update's values."""
+        sums = {"n": torch.tensor(float(len(stats.rewards))),
+                "reward": stats.rewards.double().sum(),
+                "reward_sq": stats.rewards.double().square().sum(),
+                "zero_std_groups": torch.as_tensor(stats.zero_std_groups).double(),
+                "groups": torch.tensor(float(stats.groups)),
+                "length": stats.lengths.double().sum()}
+        if stats.reward_penalty is not None:
+            sums["penalty"] = stats.reward_penalty.double().sum()
+        sums = {k: v.to(self.device) for k, v in sums.items()}
+        sums, maxima, _ = reduce_across_ranks(
+            self._reduce(), sums, {"length_max": stats.lengths.max().to(self.device).double()})
+        n = sums["n"]
+        mean = sums["reward"] / n
+        variance = (sums["reward_sq"] - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)
+        metrics = {
+            "reward/mean": mean,
+            "reward/std": variance.sqrt(),
+            "reward/frac_zero_std": sums["zero_std_groups"] / sums["groups"].clamp(min=1),
+            **({"reward/penalty": sums["penalty"] / n} if "penalty" in sums else {}),
+            "response/length_mean": sums["length"] / n,
+            "response/length_max": maxima["length_max"],
+            "train/lr": torch.tensor(optimizer.param_groups[0]["lr"]),
+            **token_metrics,
+        }
+        return {k: v.detach().float().to(self.device) for k, v in metrics.items()}
+
+    def _reduce(self) -> Reduce | None:
+        """Cross-rank reduction through the trainer's strategy (None on one process)."""
+        if self.trainer.world_size <= 1:
+            return None
+        strategy = self.trainer.strategy
+        return lambda tensor, op: strategy.reduce(tensor, reduce_op=op)
+
+    def _global_counts(self, masks: list[Tensor]) -> StepCounts:
+        """Token and sequence counts of one optimiser step, summed over micro-batches and
+        ranks."""
+        counts = step_counts(masks)
+        reduce = self._reduce()
+        if reduce is None:
+            return counts
+        summed = reduce(torch.stack([torch.as_tensor(counts.tokens),
+                                     torch.as_tensor(counts.sequences)]).to(self.device), "sum")
+        return StepCounts(tokens=summed[0], sequences=summed[1])
+
+    def _clip_and_step(self, optimizer: LightningOptimizer, scheduler: Any) -> Tensor:
         """Clip gradients and step. A non-finite gradient is dropped first, so a NaN or inf never
         reaches the weights or the optimiser's moments; the (empty) step still counts towards
         ``max_steps``. Returns the pre-clip norm."""
@@ -343,16 +510,16 @@ class TrustRegionModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are skipped
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         self._after_optimizer_step()
         return grad_norm.detach()
 
-    def _micro_step(self, micro: Rollout, counts: Any
+    def _micro_step(self, micro: Rollout, counts: StepCounts
                     ) -> tuple[Tensor, UpdateRecord, dict[str, Tensor]]:
         logits = completion_logits(self.policy, micro) / self.sampling.temperature
         logp = token_logprobs(logits, micro.completion_ids)
-        needs_entropy_grad = any(isinstance(p, EntropyBonus) for p in self.penalties)
-        if needs_entropy_grad:
+        if any(p.needs_entropy_grad for p in self.penalties):
             entropy = token_entropy(logits)
         else:
             with torch.no_grad():
@@ -370,7 +537,9 @@ class TrustRegionModule(L.LightningModule):
         token_loss = output.token_loss
         metrics = dict(output.metrics)
         for penalty in self.penalties:
-            term: PenaltyOutput = penalty(batch)
+            if penalty.in_reward:
+                continue
+            term = penalty(batch)
             token_loss = token_loss + term.token_loss
             metrics.update(term.metrics)
         loss = aggregate(token_loss, micro.completion_mask, self.aggregation,
@@ -386,7 +555,7 @@ class TrustRegionModule(L.LightningModule):
         return loss, record, metrics
 
     def _completion_logp(self, model: PreTrainedModel, rollout: Rollout) -> Tensor:
-        micro = self.micro_batch_size
+        _, _, micro = self.batching.per_rank(self.trainer.world_size)
         parts = []
         for index in torch.arange(len(rollout), device=self.device).split(micro):
             part = rollout.select(index)
@@ -412,13 +581,6 @@ class TrustRegionModule(L.LightningModule):
             torch.manual_seed(seed)
             yield
 
-    def on_fit_start(self) -> None:
-        # A dataset's prompts are all checked before the first rollout, so a long one drawn late
-        # cannot end a run hours in; generated tasks are checked batch by batch.
-        examples = self.task.all_examples()
-        if examples:
-            self._check_prompt_lengths([ex.prompt for ex in examples])
-
     def _check_prompt_lengths(self, prompts: list[str]) -> None:
         """Refuse prompts that leave no room for ``max_new_tokens`` in the policy's context,
         counting tokens as the rollout encodes them (chat template included)."""
@@ -434,30 +596,6 @@ class TrustRegionModule(L.LightningModule):
                 f"{self.sampling.max_new_tokens} exceeds the model's context of {context} "
                 f"tokens ({prompts[longest][:60]!r}...); shorten the prompts or lower "
                 "max_new_tokens")
-
-    def _log_step(self, rollout: Rollout, update_metrics: dict[str, Tensor],
-                  batch_idx: int) -> None:
-        assert rollout.rewards is not None
-        lengths = rollout.lengths.float()
-        optimizer = self.optimizers()
-        assert not isinstance(optimizer, list)
-        metrics = {
-            "reward/mean": rollout.rewards.mean(),
-            "reward/std": rollout.rewards.std(),
-            "reward/frac_zero_std": self._frac_reward_zero_std,
-            **({"reward/kl_penalty": self._reward_kl.mean()} if self._reward_kl is not None
-               else {}),
-            "response/length_mean": lengths.mean(),
-            "response/length_max": lengths.max(),
-            "train/lr": torch.tensor(optimizer.param_groups[0]["lr"]),
-            **update_metrics,
-        }
-        metrics = {k: v.detach().float().to(self.device) for k, v in metrics.items()}
-        log_step_values(self.trainer, metrics, to_loggers=writes_logs(self.trainer, batch_idx))
-        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False,
-                 batch_size=len(rollout))
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False,
-                 batch_size=len(rollout))
 
     # ---------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

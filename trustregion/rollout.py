@@ -10,7 +10,6 @@ with a real inference engine. The policy side always uses the same temperature a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -20,9 +19,11 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from trustregion.functional.logprobs import gather_logprobs, token_logprobs
 from trustregion.tasks.base import Example
+from trustregion.validation import integer_at_least, number_in
 
 __all__ = [
     "Rollout",
+    "RolloutStats",
     "SamplingSettings",
     "completion_logits",
     "encode_prompts",
@@ -49,14 +50,10 @@ class SamplingSettings:
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number > 0; got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1 turns it off); got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0 (0 turns it off); got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1; got {self.max_new_tokens}")
+        number_in("temperature", self.temperature, 0.0)
+        number_in("top_p", self.top_p, 0.0, 1.0, note="1 turns it off")
+        integer_at_least("top_k", self.top_k, 0, note="0 turns it off")
+        integer_at_least("max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -103,6 +100,27 @@ class Rollout:
                 value = [value[i] for i in rows]
             values[field.name] = value
         return replace(self, **values)
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    """Statistics of one scored rollout on one process, kept so that ranks combine exactly
+    (sums and counts; see ``TrustRegionModule.step_metrics``).
+
+    Attributes:
+        rewards: ``[N]`` the task's rewards, before any in-reward penalty.
+        lengths: ``[N]`` counted completion tokens of each sequence.
+        zero_std_groups: how many prompt groups have rewards that are all equal.
+        groups: how many prompt groups the rollout holds.
+        reward_penalty: ``[N]`` the amount in-reward penalties subtracted from each reward
+            before the advantages (None without such a penalty).
+    """
+
+    rewards: Tensor
+    lengths: Tensor
+    zero_std_groups: Tensor | float
+    groups: int
+    reward_penalty: Tensor | None = None
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,

@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from trustregion.strategies import TrustRegionStrategy, strategy_class
+from trustregion.strategies import TrustRegionStrategy, get_strategy, strategy_class
 from trustregion.tasks import TASKS, Task, get_task
 
 __all__ = ["registered_name", "strategy_from_spec", "task_from_spec", "to_spec"]
@@ -74,14 +74,10 @@ def _from_spec(value: Any, base: type, by_name: Callable[..., T], what: str) -> 
                      f"{{class_path: PATH, init_args: {{...}}}}; got {value!r}")
 
 
-def _strategy_by_name(name: str, **hparams: Any) -> TrustRegionStrategy:
-    return strategy_class(name)(**hparams)
-
-
 def strategy_from_spec(value: Any) -> TrustRegionStrategy:
     """Build a strategy from a name, a ``{name: ...}`` or a ``{class_path: ...}`` spec (an
     instance is returned as it is)."""
-    return _from_spec(value, TrustRegionStrategy, _strategy_by_name, "strategy")
+    return _from_spec(value, TrustRegionStrategy, get_strategy, "strategy")
 
 
 def task_from_spec(value: Any) -> Task:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,20 @@ import torch
 from conftest import DigitRichArithmetic
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from trustregion.batching import BatchSettings
 from trustregion.callbacks import CollapseGuard
-from trustregion.callbacks.collapse_guard import collapse_signals
-from trustregion.module import TrustRegionModule, UpdateRecord
+from trustregion.callbacks.collapse_signals import collapse_signals
+from trustregion.interface import UpdateRecord
+from trustregion.module import TrustRegionModule
+from trustregion.optim import AdamW
+from trustregion.rollout import SamplingSettings
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch
 from trustregion.strategies.base import AnchoredTokens, StrategyTerms
 
 # 2 prompts × 4 completions = 8 sequences per iteration; mini-batches of 4 → 2 optimiser steps
 # per iteration, so max_steps = 2 × iterations.
-SMALL = {"group_size": 4, "prompts_per_step": 2, "mini_batch_size": 4, "max_new_tokens": 5}
+SMALL = {"batching": BatchSettings(group_size=4, prompts_per_step=2, mini_batch_size=4),
+         "sampling": SamplingSettings(max_new_tokens=5)}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -211,7 +217,7 @@ def test_state_dict_round_trip() -> None:
 # --------------------------------------------------------------------------- non-finite values
 def test_nan_weights_are_undone_whatever_the_action_and_never_checkpointed(
         random_model_dir, tmp_path) -> None:
-    module = _module(random_model_dir, lr=1e-2)
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-2))
     guard, record = CollapseGuard(action="warn"), Record()
     # listed first, yet Lightning moves every ModelCheckpoint after the other callbacks
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
@@ -271,7 +277,7 @@ def test_checkpoint_with_nan_weights_is_refused(random_model_dir, tmp_path) -> N
 
 # ------------------------------------------------------------------------- an injected spike
 def test_skip_restores_the_weights_exactly(random_model_dir) -> None:
-    module = _module(random_model_dir, lr=1e-2)
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-2))
     guard, record = CollapseGuard(max_kl=1.0, action="skip"), Record()
     trainer = _fit(module, 3, [guard, PerturbBehavior({1}), record])
     assert guard.fired_by_signal == {"max_kl": 1}
@@ -291,7 +297,7 @@ def test_skip_restores_the_weights_exactly(random_model_dir) -> None:
 
 @pytest.mark.parametrize(("min_lr", "expected"), [(0.0, 1e-3 * 0.25), (5e-4, 5e-4)])
 def test_lower_lr_multiplies_the_learning_rate(random_model_dir, min_lr, expected) -> None:
-    module = _module(random_model_dir, lr=1e-3)
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-3))
     guard = CollapseGuard(max_kl=1.0, action="lower_lr", lr_factor=0.25, min_lr=min_lr)
     record = Record()
     _fit(module, 3, [guard, PerturbBehavior({1}), record])
@@ -310,7 +316,7 @@ def test_stop_ends_training_early(random_model_dir) -> None:
 
 
 def test_rollback_restores_the_last_good_snapshot(random_model_dir) -> None:
-    module = _module(random_model_dir, lr=1e-2)
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-2))
     guard, record = CollapseGuard(max_kl=1.0, action="rollback", snapshot_every=2), Record()
     _fit(module, 4, [guard, PerturbBehavior({3}), record])
     assert guard.fired_by_signal == {"max_kl": 1}
@@ -324,7 +330,7 @@ def test_rollback_restores_the_last_good_snapshot(random_model_dir) -> None:
 
 
 def test_warn_on_a_kl_spike_over_the_running_mean(random_model_dir) -> None:
-    module = _module(random_model_dir, lr=1e-2)
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-2))
     guard = CollapseGuard(kl_spike_factor=10.0, warmup_steps=2, action="warn")
     record = Record()
     with pytest.warns(UserWarning, match=r"CollapseGuard fired at global step 8: mismatch KL "

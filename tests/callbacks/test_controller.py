@@ -10,8 +10,11 @@ import pytest
 import torch
 from conftest import DigitRichArithmetic
 
+from trustregion.batching import BatchSettings
 from trustregion.callbacks import TrustRegionController
-from trustregion.module import TrustRegionModule, UpdateRecord
+from trustregion.interface import UpdateRecord
+from trustregion.module import TrustRegionModule
+from trustregion.rollout import SamplingSettings
 from trustregion.strategies import (
     DRPO,
     ImportanceSampledPG,
@@ -21,7 +24,8 @@ from trustregion.strategies import (
     TokenBatch,
 )
 
-SMALL = {"group_size": 4, "prompts_per_step": 2, "mini_batch_size": 4, "max_new_tokens": 5}
+SMALL = {"batching": BatchSettings(group_size=4, prompts_per_step=2, mini_batch_size=4),
+         "sampling": SamplingSettings(max_new_tokens=5)}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +84,8 @@ def test_outside_fraction_above_target_widens_below_narrows() -> None:
     assert controller.step(strategy, 0.5) == pytest.approx(1.02)
     assert strategy.epsilon == pytest.approx(0.2 * 1.02)
     assert strategy.epsilon_high == pytest.approx(0.28 * 1.02)
-    assert strategy.epsilon_low is None and strategy.dual_clip is None  # unset widths stay
+    assert strategy.epsilon_low is None  # an inheriting width keeps inheriting
+    assert strategy.dual_clip_cap == math.inf  # no bound stays no bound
     # observed 0: e = clip(0 / 0.1 − 1 = −1) = −0.2; factor 0.98 (narrow)
     assert controller.observe(NONE_OUTSIDE) == 0.0
     controller.step(strategy, 0.0)
@@ -91,24 +96,24 @@ def test_outside_fraction_above_target_widens_below_narrows() -> None:
 
 
 def test_widening_lowers_a_penalty_strength() -> None:
-    # LogRatioQuadratic's width is β with direction −1: a wider region is a smaller β
-    strategy = LogRatioQuadratic(beta=1.0)
+    # LogRatioQuadratic's width is τ with direction −1: a wider region is a smaller τ
+    strategy = LogRatioQuadratic(penalty_strength=1.0)
     controller = TrustRegionController("outside_frac", target_value=0.1, gain=0.1)
     controller.step(strategy, 0.5)
-    assert strategy.beta == pytest.approx(1 / 1.02)
+    assert strategy.penalty_strength == pytest.approx(1 / 1.02)
 
 
 def test_dual_clip_scales_its_distance_from_one_and_stays_valid() -> None:
     # c = 3 is 2 above its origin 1: scale 0.1 → 1 + 2 × 0.1 = 1.2 (still > 1, a valid dual
     # clip; scaling c itself would give 0.3); scale 2 → 1 + 2 × 2 = 5
-    narrow = RatioClip(dual_clip=3.0)
+    narrow = RatioClip(dual_clip_cap=3.0)
     narrow.scale_width(0.1)
-    assert narrow.dual_clip == pytest.approx(1.2)
+    assert narrow.dual_clip_cap == pytest.approx(1.2)
     assert narrow.epsilon == pytest.approx(0.02)
     RatioClip(**narrow.hparams())  # the constructor accepts every scaled value
-    wide = RatioClip(dual_clip=3.0)
+    wide = RatioClip(dual_clip_cap=3.0)
     wide.scale_width(2.0)
-    assert wide.dual_clip == pytest.approx(5.0)
+    assert wide.dual_clip_cap == pytest.approx(5.0)
 
 
 def test_kl_above_target_narrows_below_widens() -> None:

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
+from stub_module import HandBuiltUpdates, RecordingModule, StandInTrainer, step_output
 
 from trustregion.callbacks import DriftMonitor
+from trustregion.callbacks.drift_monitor import PROGRESS_BAR, progress_bar_values
+from trustregion.interface import UpdateRecord
 from trustregion.metrics import PairDrift, linear_quantile
-from trustregion.step_logging import flush_step_values
 from trustregion.strategies import DRPO, DivergenceMask, TokenBatch, TrustRegionStrategy
 
 LN2 = math.log(2)
@@ -85,9 +83,9 @@ def hand_batch(rows: slice = slice(None), *, old: bool = True, ref: bool = True)
         ref_logp=logp.clone() if ref else None, entropy=torch.tensor(ENTROPY)[rows])
 
 
-def record(batch: TokenBatch, strategy: TrustRegionStrategy | None = None) -> SimpleNamespace:
+def record(batch: TokenBatch, strategy: TrustRegionStrategy | None = None) -> UpdateRecord:
     """An UpdateRecord as training_step returns it: detached batch and the strategy's output."""
-    return SimpleNamespace(batch=batch, output=(strategy or DRPO())(batch))
+    return UpdateRecord(batch=batch, output=(strategy or DRPO())(batch))
 
 
 def values_of(monitor: DriftMonitor) -> dict[str, float]:
@@ -144,6 +142,15 @@ def test_region_fractions_by_sign_and_bucket(strategy, outside, zero, negative) 
     assert_values(got, dict(zip(REGION_KEYS, outside + zero + negative, strict=True)))
 
 
+def test_the_progress_bar_outside_is_the_strategy_metric_of_the_batch() -> None:
+    # DRPO δ = 0.15 puts {b, e} outside: 2/5, the batch's trust_region/outside_frac.
+    update = record(hand_batch(), DRPO(delta=0.15))
+    assert PROGRESS_BAR["outside"] == "trust_region/outside_frac"
+    shown = progress_bar_values([update])
+    assert float(shown["outside"]) == pytest.approx(2 / 5)
+    assert float(update.output.metrics[PROGRESS_BAR["outside"]]) == pytest.approx(2 / 5)
+
+
 def test_micro_batches_reduce_to_the_whole_batch() -> None:
     whole = DriftMonitor()
     whole.update(**vars(record(hand_batch())))
@@ -181,47 +188,10 @@ def test_pair_drift_is_accurate_for_a_tiny_drift() -> None:
     assert float(metric.compute()["chi2"]) == pytest.approx(1e-12, rel=1e-3)
 
 
-class _Module:
-    """Stands in for the LightningModule: records what is logged through ``log``."""
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[dict[str, Any], dict[str, Any]]] = []
-
-    def log(self, name: str, value: Any, **kwargs: Any) -> None:
-        self.logged.append(({name: value}, kwargs))
-
-
-class _Trainer:
-    """Stands in for the Trainer: a fit loop at a given logging step, and a logger connector
-    that records what it is asked to write."""
-
-    def __init__(self, log_every_n_steps: int = 1, num_training_batches: int = 100) -> None:
-        self.log_every_n_steps = log_every_n_steps
-        self.num_training_batches = num_training_batches
-        self.max_steps, self.global_step, self.should_stop = -1, 0, False
-        self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
-        self.callback_metrics: dict[str, Tensor] = {}
-        self.written: list[tuple[dict[str, float], int]] = []
-        self._logger_connector = SimpleNamespace(log_metrics=self._log_metrics)
-
-    def _log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        """Lightning's connector files a row without a step at ``_batches_that_stepped``."""
-        self.written.append((values, self.fit_loop.epoch_loop._batches_that_stepped
-                             if step is None else step))
-
-    def end_batch(self, monitor: DriftMonitor, module: _Module, outputs: Any) -> None:
-        """One training batch: the monitor's hook, then Lightning's step counter."""
-        loop = self.fit_loop.epoch_loop
-        monitor.on_train_batch_end(self, module, outputs, None,  # type: ignore[arg-type]
-                                   loop._batches_that_stepped)
-        flush_step_values(self)  # type: ignore[arg-type]  # as TrustRegionModule does next
-        loop._batches_that_stepped += 1
-
-
 def test_on_train_batch_end_writes_every_n_steps_then_resets() -> None:
-    monitor, module, trainer = DriftMonitor(every_n_steps=2), _Module(), _Trainer()
-    first = {"rollout": None, "updates": [record(hand_batch(slice(0, 1)))]}
-    second = {"rollout": None, "updates": [record(hand_batch(slice(1, 2)))]}
+    monitor, module, trainer = DriftMonitor(every_n_steps=2), RecordingModule(), StandInTrainer()
+    first = step_output([record(hand_batch(slice(0, 1)))])
+    second = step_output([record(hand_batch(slice(1, 2)))])
     trainer.end_batch(monitor, module, first)
     assert trainer.written == []
     # The progress bar shows every batch on its own. Sequence 1: k3 = 0, ln2 − ½, 1 − ln2
@@ -232,17 +202,19 @@ def test_on_train_batch_end_writes_every_n_steps_then_resets() -> None:
     assert kl_kwargs["prog_bar"] and not kl_kwargs["logger"] and outside_kwargs["prog_bar"]
     trainer.end_batch(monitor, module, second)
     ((values, step),) = trainer.written
-    assert step == 1  # Lightning's step for the second batch
+    assert step == 1  # the second rollout batch's index
     assert list(values) == DriftMonitor.metric_names(["behavior", "old", "ref"])
     assert_values(values, BEHAVIOR, "drift/behavior/")  # the window: both sequences
-    assert {k: float(v) for k, v in trainer.callback_metrics.items()} == pytest.approx(values)
+    # callback_metrics holds the row and the progress-bar values of the latest batch
+    assert set(trainer.callback_metrics) == set(values) | {"kl", "outside"}
+    assert {k: float(trainer.callback_metrics[k]) for k in values} == pytest.approx(values)
     # Sequence 2: k3 of d = ln2 − ½, of e = 3 − 2 ln2 (Σ = 2.5 − ln2); e (Â < 0, π − μ = −0.6)
     # is outside: 1/2.
     (kl, _), (outside, _) = module.logged[2:]
     assert float(kl["kl"]) == pytest.approx((2.5 - LN2) / 2)
     assert float(outside["outside"]) == pytest.approx(0.5)
     assert not any(m.update_called for m in monitor._metrics())  # reset after logging
-    trainer.end_batch(monitor, module, {"rollout": None})
+    trainer.end_batch(monitor, module, {"rollout": None})  # no StepOutput
     trainer.end_batch(monitor, module, None)
     assert len(trainer.written) == 1 and len(module.logged) == 4  # nothing without updates
 
@@ -250,18 +222,19 @@ def test_on_train_batch_end_writes_every_n_steps_then_resets() -> None:
 def test_default_window_follows_log_every_n_steps_and_closes_at_the_last_batch() -> None:
     # log_every_n_steps=2 over 3 batches: rows at steps 1 (batches 0-1) and 2 (batch 2, the
     # last batch of the epoch closes its window early).
-    monitor, module = DriftMonitor(), _Module()
-    trainer = _Trainer(log_every_n_steps=2, num_training_batches=3)
+    monitor, module = DriftMonitor(), RecordingModule()
+    trainer = StandInTrainer(log_every_n_steps=2, num_training_batches=3)
     for index in (0, 1, 0):
-        trainer.end_batch(monitor, module, {"updates": [record(hand_batch(
-            slice(index, index + 1)))]})
+        trainer.end_batch(monitor, module, step_output([record(hand_batch(
+            slice(index, index + 1)))]))
     assert [step for _, step in trainer.written] == [1, 2]
     assert trainer.written[0][0]["drift/behavior/tv_max"] == pytest.approx(BEHAVIOR["tv_max"])
 
 
 def test_nothing_is_written_when_the_trainer_logs_nothing() -> None:
-    monitor, module, trainer = DriftMonitor(), _Module(), _Trainer(log_every_n_steps=0)
-    trainer.end_batch(monitor, module, {"updates": [record(hand_batch(slice(0, 2)))]})
+    monitor, module = DriftMonitor(), RecordingModule()
+    trainer = StandInTrainer(log_every_n_steps=0)
+    trainer.end_batch(monitor, module, step_output([record(hand_batch(slice(0, 2)))]))
     assert trainer.written == []
     assert float(trainer.callback_metrics["drift/behavior/tv_max"]) == pytest.approx(
         BEHAVIOR["tv_max"])
@@ -274,24 +247,8 @@ def test_every_n_steps_is_validated(bad) -> None:
 
 
 # ----------------------------------------------------------------------- two processes
-class _HandBuiltUpdates(L.LightningModule):
-    """Returns, on rank 0, sequence 1 of the table (3 tokens) and, on rank 1, sequence 2
-    (2 tokens) as its update records; nothing is trained."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.unused = torch.nn.Parameter(torch.zeros(1))  # DDP needs a parameter
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(list(range(2)), batch_size=1)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        rank = self.global_rank
-        return {"updates": [record(hand_batch(slice(rank, rank + 1)))]}
+def _sequence_of_rank(rank: int, batch_idx: int) -> list[UpdateRecord]:
+    return [record(hand_batch(slice(rank, rank + 1)))]
 
 
 class _SaveMetrics(L.Callback):
@@ -310,7 +267,8 @@ def test_two_ranks_reduce_to_the_concatenated_tokens(tmp_path) -> None:
                         limit_train_batches=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[DriftMonitor(), _SaveMetrics(tmp_path)])
-    trainer.fit(_HandBuiltUpdates())
+    # Rank 0 holds sequence 1 of the table (3 tokens), rank 1 sequence 2 (2 tokens).
+    trainer.fit(HandBuiltUpdates(_sequence_of_rank))
     expected = DriftMonitor()
     expected.update(**vars(record(hand_batch())))
     single = values_of(expected)

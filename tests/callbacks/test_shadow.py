@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,10 +33,15 @@ import pytest
 import torch
 from conftest import DigitRichArithmetic
 from lightning.pytorch.loggers import CSVLogger
+from stub_module import RecordingModule
 
+from trustregion.batching import BatchSettings
 from trustregion.callbacks import DriftMonitor, ShadowStrategies
 from trustregion.metrics import pearson_from_sums
 from trustregion.module import TrustRegionModule
+from trustregion.optim import AdamW
+from trustregion.penalties import ReferenceKL
+from trustregion.rollout import SamplingSettings
 from trustregion.strategies import (
     DRPO,
     SHARED_METRICS,
@@ -132,8 +138,8 @@ def test_bad_shadows_fail_at_construction(strategies, message) -> None:
         ShadowStrategies(strategies)
 
 
-def _setup(callback: ShadowStrategies, active: TrustRegionStrategy) -> SimpleNamespace:
-    module = SimpleNamespace(trust_region=active, record_topk=0)
+def _setup(callback: ShadowStrategies, active: TrustRegionStrategy) -> RecordingModule:
+    module = RecordingModule(active)
     callback.setup(None, module, "fit")  # type: ignore[arg-type]
     return module
 
@@ -143,17 +149,29 @@ def test_setup_rejects_old_anchored_shadow_with_behavior_anchored_active() -> No
                                          r"only recomputed for an active strategy anchored"):
         _setup(ShadowStrategies([RatioClip(anchor="old")]), DRPO())
     _setup(ShadowStrategies([RatioClip(anchor="old")]), DRPO(anchor="old"))  # fine
-    with pytest.raises(ValueError, match="needs a module with a `trust_region`"):
+    with pytest.raises(TypeError, match=r"ShadowStrategies needs a TrustRegionModule .*"
+                                        r"SimpleNamespace lacks step_log, strategy"):
         ShadowStrategies(["dppo"]).setup(None, SimpleNamespace(), "fit")  # type: ignore[arg-type]
 
 
-def test_setup_raises_record_topk_for_topk_shadows() -> None:
-    topk = DivergenceMask(divergence="topk_tv", top_k=4)
-    assert _setup(ShadowStrategies(["dppo", topk]), DRPO()).record_topk == 4
-    assert _setup(ShadowStrategies(["dppo"]), DRPO()).record_topk == 0
+def test_setup_requests_topk_for_topk_shadows() -> None:
+    topk = DivergenceMask(divergence="topk_tv", divergence_top_k=4)
+    assert _setup(ShadowStrategies(["dppo", topk]), DRPO()).requested_topk == 4
+    assert _setup(ShadowStrategies(["dppo"]), DRPO()).requested_topk == 0
+    active = DivergenceMask(divergence="topk_kl", divergence_top_k=2)
+    assert _setup(ShadowStrategies([topk]), active).requested_topk == 4
+
+
+def test_a_topk_shadow_makes_the_module_record_its_k(random_model_dir: Path) -> None:
     # a top-2 active strategy with a top-4 shadow: four are recorded, the active one reads two
-    assert _setup(ShadowStrategies([topk]), DivergenceMask(divergence="topk_kl", top_k=2)) \
-        .record_topk == 4
+    active = DivergenceMask(divergence="topk_kl", divergence_top_k=2)
+    module = TrustRegionModule(policy=f"config:{random_model_dir}", trust_region=active)
+    assert module.behavior_topk == 2
+    ShadowStrategies([DivergenceMask(divergence="topk_tv", divergence_top_k=4)]).setup(
+        None, module, "fit")  # type: ignore[arg-type]
+    assert module.behavior_topk == 4
+    ShadowStrategies(["dppo"]).setup(None, module, "fit")  # type: ignore[arg-type]
+    assert module.behavior_topk == 4  # a smaller request never lowers it
 
 
 # --------------------------------------------------------------------------- real run
@@ -163,8 +181,10 @@ def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Pat
     active = DRPO()
     module = TrustRegionModule(
         policy=f"config:{random_model_dir}", task=DigitRichArithmetic(), trust_region=active,
-        group_size=4, prompts_per_step=2, mini_batch_size=4, micro_batch_size=2,
-        max_new_tokens=5, lr=1e-2, kl_coef=0.01)
+        batching=BatchSettings(group_size=4, prompts_per_step=2, mini_batch_size=4,
+                               micro_batch_size=2),
+        sampling=SamplingSettings(max_new_tokens=5), optimizer=partial(AdamW, lr=1e-2),
+        penalties=[ReferenceKL(beta=0.01)])
     shadows = ShadowStrategies(["ratio_clip", "dppo", copy.deepcopy(active)])
     trainer = L.Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -176,17 +196,17 @@ def test_tiny_run_logs_exact_keys_and_a_self_shadow_agrees(random_model_dir: Pat
         "train/skipped_steps", "penalty/ref_kl", "trust_region/penalty_mean",
         *(f"trust_region/{k}" for k in SHARED_METRICS),
     }
-    drift_keys = set(DriftMonitor.metric_names(["behavior", "ref"]))  # kl_coef > 0: π_ref
+    drift_keys = set(DriftMonitor.metric_names(["behavior", "ref"]))  # ReferenceKL: π_ref
     shadow_keys = {f"shadow/{label}/{stat}" for label in ("ratio_clip", "dppo", "drpo")
                    for stat in STATS}
-    assert set(trainer.logged_metrics) == module_keys | drift_keys | shadow_keys
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     written = {key for row in rows for key, value in row.items() if value}
     assert written == module_keys | drift_keys | shadow_keys | {"step", "epoch"}
     assert [row["step"] for row in rows] == ["0"]  # one row for the one rollout batch
     assert set(trainer.progress_bar_metrics) == {"reward", "loss", "kl", "outside"}
-    logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    logged = {k: float(v) for k, v in rows[0].items() if v and k not in ("step", "epoch")}
+    assert set(logged) == module_keys | drift_keys | shadow_keys
     assert logged["drift/behavior/tv_max"] > 0  # π moved from μ: DRPO weights vary
     assert logged["shadow/drpo/only_shadow_outside_frac"] == 0.0
     assert logged["shadow/drpo/only_active_outside_frac"] == 0.0

@@ -1,61 +1,47 @@
-import os
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from trustregion.models import (
-    ALPHABET,
-    TINY_MODEL_DIR,
-    build_char_tokenizer,
-    load_tiny_model,
-    load_tiny_tokenizer,
-    tiny_llama_config,
-)
+from trustregion.models import ALPHABET, TINY_MODEL_DIR, loading, tiny_llama_config
+from trustregion.models.loading import TINY, load_model
 from trustregion.tasks import Arithmetic, DigitSort, Reverse
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-def test_special_token_ids(tokenizer):
-    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
-        "<pad>",
-        "<bos>",
-        "<eos>",
-    )
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
-    assert tokenizer.padding_side == "left"
-    assert len(tokenizer) == 4 + len(ALPHABET)
+def test_special_token_ids(char_tokenizer):
+    tok = char_tokenizer
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<bos>", "<eos>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.padding_side == "left"
+    assert len(tok) == 4 + len(ALPHABET)
 
 
 @pytest.mark.parametrize(
     "text", ["12+7=", "sort:312=", "rev:abc=", "a b  c\nd\n", " x ", "3*4-5:zz", ALPHABET]
 )
-def test_round_trip(tokenizer, text):
-    ids = tokenizer(text)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id
+def test_round_trip(char_tokenizer, text):
+    tok = char_tokenizer
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
     assert len(ids) == len(text) + 1  # one token per character
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert tokenizer.decode(ids[1:]) == text  # no spaces inserted between characters
-    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids[1:]) == text  # no spaces inserted between characters
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_special_tokens_in_text_and_unknown_characters(tokenizer):
-    ids = tokenizer("12<eos>", add_special_tokens=False)["input_ids"]
-    assert ids[-1] == tokenizer.eos_token_id and len(ids) == 3
-    assert tokenizer("A?", add_special_tokens=False)["input_ids"] == [tokenizer.unk_token_id] * 2
+def test_special_tokens_in_text_and_unknown_characters(char_tokenizer):
+    tok = char_tokenizer
+    ids = tok("12<eos>", add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tok.eos_token_id and len(ids) == 3
+    assert tok("A?", add_special_tokens=False)["input_ids"] == [tok.unk_token_id] * 2
 
 
-def test_left_padding(tokenizer):
-    batch = tokenizer(["1+1=", "12+13="], padding=True, return_tensors="pt")
+def test_left_padding(char_tokenizer):
+    batch = char_tokenizer(["1+1=", "12+13="], padding=True, return_tensors="pt")
     assert batch["input_ids"][0, :2].tolist() == [0, 0]
     assert batch["attention_mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1]
-    decoded = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    decoded = char_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert decoded == ["1+1=", "12+13="]
 
 
@@ -71,16 +57,10 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def artefact():
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
         model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
         tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
     model.eval()
     return model, tok
 
@@ -91,11 +71,11 @@ def test_artefact_is_small():
     assert sum(f.stat().st_size for f in files) < 5 * 1024 * 1024
 
 
-def test_artefact_loads_with_auto_classes(artefact, tokenizer):
+def test_artefact_loads_with_auto_classes(artefact, char_tokenizer):
     model, tok = artefact
     assert isinstance(model, LlamaForCausalLM)
     config = model.config
-    expected = tiny_llama_config(len(tokenizer))
+    expected = tiny_llama_config(len(char_tokenizer))
     for key in (
         "vocab_size",
         "hidden_size",
@@ -106,19 +86,22 @@ def test_artefact_loads_with_auto_classes(artefact, tokenizer):
         "tie_word_embeddings",
     ):
         assert getattr(config, key) == getattr(expected, key), key
-    assert config.vocab_size == len(tok) == len(tokenizer)
+    assert config.vocab_size == len(tok) == len(char_tokenizer)
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.padding_side == "left"
-    assert tok.get_vocab() == tokenizer.get_vocab()
+    assert tok.get_vocab() == char_tokenizer.get_vocab()
     assert tok.decode(tok("rev:abc=")["input_ids"], skip_special_tokens=True) == "rev:abc="
 
 
-def test_load_helpers():
-    model = load_tiny_model()
-    tok = load_tiny_tokenizer()
+def test_loads_as_a_model_source():
+    model, tok = load_model(TINY)
     assert not model.training and model.config.vocab_size == len(tok)
+
+
+def test_a_missing_artefact_says_how_to_rebuild_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(loading, "TINY_MODEL_DIR", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"make_tiny_model\.py"):
-        load_tiny_model(TINY_MODEL_DIR / "missing")
+        load_model(TINY)
 
 
 def generate(model, tok, prompts):

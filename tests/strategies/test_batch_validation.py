@@ -140,7 +140,7 @@ def test_nan_on_masked_tokens_is_accepted() -> None:
     DRPO()(good_batch(mask=mask, advantages=torch.tensor([1.0, math.nan], dtype=F64)))
 
 
-@pytest.mark.parametrize("strategy", [DRPO(), RatioClip(dual_clip=3.0), DivergenceMask(),
+@pytest.mark.parametrize("strategy", [DRPO(), RatioClip(dual_clip_cap=3.0), DivergenceMask(),
                                       CISPO(), GSPO(), SPO(), LogRatioQuadratic()],
                          ids=lambda s: type(s).__name__)
 def test_all_zero_mask_gives_zero_loss_and_finite_metrics(strategy: TrustRegionStrategy) -> None:
@@ -168,6 +168,7 @@ def test_old_anchor_without_old_logp_raises() -> None:
     (lambda: DRPO(delta=0.0), "delta must be > 0"),
     (lambda: DRPO(delta=-0.1), "delta must be > 0"),
     (lambda: DRPO(delta=math.nan), "delta must be > 0"),
+    (lambda: DRPO(delta=None), "delta must be > 0, or inf for no bound ("),  # type: ignore
     (lambda: DRPO(delta_low=0.0), "delta_low must be > 0"),
     (lambda: DRPO(delta_high=-1.0), "delta_high must be > 0"),
     (lambda: DivergenceMask(delta=0.0), "delta must be > 0"),
@@ -176,19 +177,27 @@ def test_old_anchor_without_old_logp_raises() -> None:
     (lambda: RatioClip(epsilon_low=-0.1), "epsilon_low must be a number ≥ 0"),
     (lambda: RatioClip(epsilon_high=-0.01), "epsilon_high must be a number ≥ 0"),
     (lambda: RatioClip(epsilon=math.nan), "epsilon must be a number ≥ 0"),
+    (lambda: RatioClip(epsilon=True), "epsilon must be a number ≥ 0"),  # type: ignore
     (lambda: CISPO(epsilon_high=-0.1), "epsilon_high must be a number ≥ 0"),
     (lambda: GSPO(epsilon_low=-1e-4), "epsilon_low must be a number ≥ 0"),
     (lambda: SPO(epsilon=0.0), "epsilon must be > 0"),
-    (lambda: RatioClip(dual_clip=1.0), "dual_clip must be > 1"),
-    (lambda: RatioClip(dual_clip=0.5), "dual_clip must be > 1"),
+    (lambda: SPO(epsilon_low=0.0), "epsilon_low must be > 0"),
+    (lambda: SPO(epsilon_high=-0.2), "epsilon_high must be > 0"),
+    (lambda: RatioClip(dual_clip_cap=1.0), "dual_clip_cap must be > 1"),
+    (lambda: RatioClip(dual_clip_cap=0.5), "dual_clip_cap must be > 1"),
     (lambda: DivergenceMask(divergence="chi2"), "unknown divergence 'chi2'"),  # type: ignore
     (lambda: DRPO(anchor="reference"), "anchor must be one of"),  # type: ignore[arg-type]
     (lambda: DivergenceMask(anchor="ref"), "anchor must be one of"),  # type: ignore[arg-type]
-    (lambda: LogRatioQuadratic(beta=0.0), "beta must be a finite number > 0"),
-    (lambda: LogRatioQuadratic(beta=-1.0), "beta must be a finite number > 0"),
-    (lambda: LogRatioQuadratic(beta=math.inf), "beta must be a finite number > 0"),
-    (lambda: DivergenceMask(tis_cap=0.0), "tis_cap must be > 0"),
-    (lambda: DivergenceMask(tis_cap=-5.0), "tis_cap must be > 0"),
+    (lambda: LogRatioQuadratic(penalty_strength=0.0),
+     "penalty_strength must be a finite number > 0"),
+    (lambda: LogRatioQuadratic(penalty_strength=-1.0),
+     "penalty_strength must be a finite number > 0"),
+    (lambda: LogRatioQuadratic(penalty_strength=math.inf),
+     "penalty_strength must be a finite number > 0"),
+    (lambda: DivergenceMask(importance_weight_cap=0.0), "importance_weight_cap must be > 0"),
+    (lambda: DivergenceMask(importance_weight_cap=-5.0), "importance_weight_cap must be > 0"),
+    (lambda: DivergenceMask(divergence_top_k=0), "divergence_top_k must be an integer ≥ 1"),
+    (lambda: DivergenceMask(divergence_top_k=2.5), "divergence_top_k must be an integer ≥ 1"),
 ])
 def test_invalid_hyperparameters_raise_at_construction(build, pattern: str) -> None:
     with pytest.raises(ValueError, match=re.escape(pattern)):
@@ -208,18 +217,43 @@ def test_unknown_anchor_names_the_allowed_ones() -> None:
 def test_valid_edge_hyperparameters_are_accepted() -> None:
     # ε = 0 (no movement allowed), no dual clip, no truncation cap are all legitimate
     assert RatioClip(epsilon=0.0).bounds == (1.0, 1.0)
-    assert DivergenceMask(tis_cap=None).tis_cap is None
-    assert RatioClip(dual_clip=None).dual_clip is None
+    assert DivergenceMask(importance_weight_cap=math.inf).importance_weight_cap == math.inf
+    assert RatioClip(dual_clip_cap=math.inf).dual_clip_cap == math.inf
+    # inf is "no bound" for every half-width
+    assert RatioClip(epsilon_low=math.inf).bounds == (-math.inf, 1.2)
+    assert CISPO(epsilon_high=math.inf).bounds == (-math.inf, math.inf)
+    assert DRPO(delta_high=math.inf).deltas == (0.15, math.inf)
 
 
 @pytest.mark.parametrize(
-    ("factory", "name"),
+    ("factory", "name", "allowed"),
     [
-        (lambda: CISPO(epsilon_high=None), "epsilon_high"),  # type: ignore[arg-type]
-        (lambda: GSPO(epsilon_low=None), "epsilon_low"),  # type: ignore[arg-type]
-        (lambda: GSPO(epsilon_high=-0.1), "epsilon_high"),
+        (lambda: RatioClip(epsilon=None), "epsilon", "a number ≥ 0, or inf for no bound ("),
+        (lambda: CISPO(epsilon=None), "epsilon", "a number ≥ 0, or inf for no bound ("),
+        (lambda: GSPO(epsilon=None), "epsilon", "a number ≥ 0, or inf for no bound ("),
+        (lambda: SPO(epsilon=None), "epsilon", "> 0, or inf for no bound ("),
+        (lambda: RatioClip(dual_clip_cap=None), "dual_clip_cap",
+         "> 1, or inf to turn the dual clip off ("),
+        (lambda: DivergenceMask(importance_weight_cap=None), "importance_weight_cap",
+         "> 0, or inf for no truncation ("),
     ],
 )
-def test_required_epsilons_reject_none(factory, name) -> None:
-    with pytest.raises(ValueError, match=f"{name} must be a number ≥ 0"):
+def test_none_is_refused_where_there_is_nothing_to_inherit(factory, name, allowed) -> None:
+    # the symmetric value and the caps inherit from nothing: None would be ambiguous
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be {allowed}") + r".*got None"):
+        factory()
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "inherits"),
+    [
+        (lambda: RatioClip(epsilon_low=-1.0), "epsilon_low", "epsilon"),
+        (lambda: CISPO(epsilon_high=math.nan), "epsilon_high", "epsilon"),
+        (lambda: GSPO(epsilon_high=-0.1), "epsilon_high", "epsilon"),
+        (lambda: DRPO(delta_low=-0.1), "delta_low", "delta"),
+        (lambda: DivergenceMask(delta=-0.1), "delta", "the divergence's default (0.15)"),
+    ],
+)
+def test_one_sided_messages_name_what_none_inherits(factory, name, inherits) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"or None to inherit {inherits} (")):
         factory()

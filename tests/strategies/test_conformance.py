@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from trustregion.strategies import (
@@ -19,17 +21,20 @@ from trustregion.testing import CONFORMANCE_CHECKS, run_check
 
 VARIANTS: dict[str, TrustRegionStrategy] = {
     **{name: get_strategy(name) for name in available_strategies()},
-    "ratio_clip_dapo_dual": RatioClip(epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0),
+    "ratio_clip_dapo_dual": RatioClip(epsilon_low=0.2, epsilon_high=0.28, dual_clip_cap=3.0),
     "ratio_clip_old_anchor": RatioClip(anchor="old"),
+    "ratio_clip_unbounded_below": RatioClip(epsilon_low=math.inf),
     "dppo_binary_kl": DivergenceMask(divergence="binary_kl"),
     "dppo_topk_tv": DivergenceMask(divergence="topk_tv"),
     "dppo_topk_kl": DivergenceMask(divergence="topk_kl"),
-    "dppo_asymmetric_uncapped": DivergenceMask(delta_low=0.1, delta_high=0.2, tis_cap=None),
+    "dppo_asymmetric_uncapped": DivergenceMask(delta_low=0.1, delta_high=0.2,
+                                               importance_weight_cap=math.inf),
     "drpo_asymmetric": DRPO(delta_low=0.1, delta_high=0.2),
     "drpo_old_anchor": DRPO(anchor="old"),
     "cispo_two_sided": CISPO(epsilon_low=0.2),
     "spo_narrow": SPO(epsilon=0.1),
-    "dro_half": LogRatioQuadratic(beta=0.5),
+    "spo_asymmetric": SPO(epsilon_low=0.1, epsilon_high=0.3),
+    "dro_half": LogRatioQuadratic(penalty_strength=0.5),
 }
 
 # Checks a strategy may legitimately skip, and why; anything else skipping is a failure.

@@ -169,15 +169,16 @@ def test_topk_reads_only_its_own_k_of_a_larger_record() -> None:
     # then the sampled id in the last slot. ν = [0.5, 0.3 | 0.1], π = [0.5, 0.1 | 0.2], Â > 0.
     record = {"nu": [0.1], "pi": [0.2], "adv": [1.0],
               "topk_nu": [[0.5, 0.3, 0.1]], "topk_pi": [[0.5, 0.1, 0.2]]}
-    # top_k = 2 reads every slot: ν_rest = 0.1, π_rest = 0.2
+    # divergence_top_k = 2 reads every slot: ν_rest = 0.1, π_rest = 0.2
     #   TV = ½(0 + 0.2 + 0.1 + 0.1) = 0.2 > 0.15 and π > ν for Â > 0 → dropped
-    wide = DivergenceMask(divergence="topk_tv", top_k=2)
+    wide = DivergenceMask(divergence="topk_tv", divergence_top_k=2)
     assert wide.divergence_of(wide.prepare(one_token_batch(**record))).item() \
         == pytest.approx(0.2, abs=1e-6)
     assert wide(one_token_batch(**record)).outside.item()
-    # top_k = 1 reads slot 0 and the sampled slot: ν = [0.5 | 0.1], rest 0.4; π = [0.5 | 0.2],
-    # rest 0.3:  TV = ½(0 + 0.1 + 0.1) = 0.1 ≤ 0.15 → kept, as on a record made for K = 1
-    narrow = DivergenceMask(divergence="topk_tv", top_k=1)
+    # divergence_top_k = 1 reads slot 0 and the sampled slot: ν = [0.5 | 0.1], rest 0.4;
+    # π = [0.5 | 0.2], rest 0.3:  TV = ½(0 + 0.1 + 0.1) = 0.1 ≤ 0.15 → kept, as on a record
+    # made for K = 1
+    narrow = DivergenceMask(divergence="topk_tv", divergence_top_k=1)
     assert narrow.divergence_of(narrow.prepare(one_token_batch(**record))).item() \
         == pytest.approx(0.1, abs=1e-6)
     assert not narrow(one_token_batch(**record)).outside.item()
@@ -201,18 +202,18 @@ def test_topk_with_old_anchor_raises_at_construction(divergence: str) -> None:
 
 def test_truncation_cap() -> None:
     # ν = 0.001, π = 0.02: r = 20, D = 0.019 ≤ 0.15 → kept, Â = 1
-    def run(**kwargs: float | None) -> tuple[StrategyOutput, Tensor]:
+    def run(**kwargs: float) -> tuple[StrategyOutput, Tensor]:
         return loss_and_weight(DivergenceMask(**kwargs), one_token_batch([0.001], [0.02], [1.0]))
 
     # C = 10: w = min(20, 10)/20 = 0.5; loss = −1·10·ln 0.02 = 39.1202300543
-    out, weight = run(tis_cap=10.0)
+    out, weight = run(importance_weight_cap=10.0)
     assert weight.item() == pytest.approx(0.5, abs=1e-12)
     assert out.token_loss.item() == pytest.approx(39.12023005428146, abs=1e-9)
     # default C is 10 too
     out, weight = run()
     assert weight.item() == pytest.approx(0.5, abs=1e-12)
     # no cap: w = 1; loss = −1·20·ln 0.02 = 78.2404601086
-    out, weight = run(tis_cap=None)
+    out, weight = run(importance_weight_cap=math.inf)
     assert weight.item() == pytest.approx(1.0, abs=1e-12)
     assert out.token_loss.item() == pytest.approx(78.24046010856291, abs=1e-9)
 
@@ -224,7 +225,7 @@ def test_default_deltas() -> None:
     assert DivergenceMask(divergence="topk_tv").delta == 0.15
     assert DivergenceMask(divergence="binary_kl").deltas == (0.05, 0.05)
     assert DivergenceMask(divergence="topk_kl").delta == 0.05
-    assert DivergenceMask().tis_cap == 10.0
+    assert DivergenceMask().importance_weight_cap == 10.0
     # behaviour at the default TV width: D = 0.14 kept, D = 0.16 dropped (Â > 0)
     out = DivergenceMask()(one_token_batch([0.5, 0.5], [0.64, 0.66], [1.0, 1.0]))
     assert out.outside[:, 0].tolist() == [False, True]

@@ -206,3 +206,37 @@ def test_negative_weight_frac_and_weight_summary() -> None:
     assert m[P + "weight_min"] == pytest.approx(-1.0, abs=1e-9)
     assert m[P + "weight_max"] == pytest.approx(1.0, abs=1e-9)
     assert m[P + "weight_mean"] == pytest.approx(0.0, abs=1e-9)   # (−1 − 1/3 + 1/3 + 1)/4
+
+
+def test_spo_asymmetric_epsilons() -> None:
+    strategy = SPO(epsilon_low=0.1, epsilon_high=0.3)
+    assert strategy.epsilons == (0.1, 0.3)
+    batch = one_token_batch(
+        nu=[0.5, 0.5, 0.5, 0.5, 0.5],
+        pi=[0.6, 0.4, 0.4, 0.6, 0.7],
+        adv=[1.0, 1.0, -1.0, -1.0, 1.0],
+    )
+    out, weight = loss_and_weight(strategy, batch)
+    # w = 1 − sign(Â)(r − 1)/ε_side, ε_high when r ≥ 1, ε_low when r < 1
+    expected = torch.tensor([
+        1 - 0.2 / 0.3,   # r = 1.2 → ε_high: 1 − 0.2/0.3 = 0.333333
+        1 + 0.2 / 0.1,   # r = 0.8 → ε_low:  1 − (+1)(−0.2)/0.1 = 3
+        1 - 0.2 / 0.1,   # r = 0.8 → ε_low:  1 − (−1)(−0.2)/0.1 = −1 (beyond the boundary)
+        1 + 0.2 / 0.3,   # r = 1.2 → ε_high: 1 − (−1)(0.2)/0.3 = 1.666667
+        1 - 0.4 / 0.3,   # r = 1.4 → ε_high: 1 − 0.4/0.3 = −0.333333 (beyond the boundary)
+    ], dtype=F64)
+    torch.testing.assert_close(weight, expected, atol=1e-9, rtol=0)
+    # outside: Â < 0 below 1 − ε_low (t2); Â > 0 above 1 + ε_high (t4)
+    assert out.outside[:, 0].tolist() == [False, False, True, False, True]
+    # loss of t1: J = 0.8 − 1·0.04/(2·0.1) = 0.8 − 0.2 = 0.6 → loss −0.6
+    assert out.token_loss[1, 0].item() == pytest.approx(-0.6, abs=1e-12)
+
+
+def test_spo_one_side_inherits_epsilon() -> None:
+    # ε_high = 0.3 set, ε_low left at None inherits ε = 0.2
+    strategy = SPO(epsilon_high=0.3)
+    assert strategy.epsilons == (0.2, 0.3)
+    _, weight = loss_and_weight(strategy, one_token_batch([0.5, 0.5], [0.4, 0.6], [-1.0, 1.0]))
+    # t0: r = 0.8, ε_low = 0.2: 1 − (−1)(−0.2)/0.2 = 0;  t1: r = 1.2, ε_high = 0.3: 1 − 0.2/0.3
+    torch.testing.assert_close(weight, torch.tensor([0.0, 1 - 0.2 / 0.3], dtype=F64),
+                               atol=1e-9, rtol=0)

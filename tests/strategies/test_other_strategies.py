@@ -74,8 +74,9 @@ def test_pg_is_loss_and_unit_weight() -> None:
 # ---------------------------------------------------------------------------------------- CISPO
 
 def test_cispo_loss_and_weight_defaults() -> None:
-    strategy = CISPO()  # ε_high = 0.28, no lower bound
-    assert (strategy.epsilon_low, strategy.epsilon_high) == (None, 0.28)
+    strategy = CISPO()  # ε_high = 0.28, no lower bound (ε = inf, inherited by ε_low)
+    assert (strategy.epsilon, strategy.epsilon_low, strategy.epsilon_high) == (math.inf, None, 0.28)
+    assert strategy.bounds == (-math.inf, 1.28)
     batch = one_token_batch(
         nu=[0.3, 0.5, 0.5, 0.2],
         pi=[0.6, 0.1, 0.6, 0.9],
@@ -101,8 +102,11 @@ def test_cispo_loss_and_weight_defaults() -> None:
     assert float(out.metrics[P + "clipped_frac"]) == pytest.approx(0.5)
 
 
-def test_cispo_lower_bound() -> None:
-    strategy = CISPO(epsilon_low=0.2)  # [0.8, 1.28]
+@pytest.mark.parametrize("strategy", [CISPO(epsilon_low=0.2), CISPO(epsilon=0.2)],
+                         ids=["epsilon_low", "epsilon"])
+def test_cispo_lower_bound(strategy: CISPO) -> None:
+    # ε_low = 0.2 set on its own, or inherited from ε = 0.2 (ε_high stays 0.28): [0.8, 1.28]
+    assert strategy.bounds == pytest.approx((0.8, 1.28))
     batch = one_token_batch(nu=[0.3, 0.5, 0.5, 0.2], pi=[0.6, 0.1, 0.6, 0.9],
                             adv=[1.5, 1.0, -1.0, -1.0])
     out, grad = grad_of_sum(strategy, batch)
@@ -196,7 +200,8 @@ def test_gspo_seq_mean_token_mean_is_the_sequence_objective() -> None:
 
 def test_gspo_default_epsilons() -> None:
     strategy = GSPO()
-    assert (strategy.epsilon_low, strategy.epsilon_high) == (3e-4, 4e-4)
+    assert (strategy.epsilon, strategy.epsilon_low, strategy.epsilon_high) == (3e-4, None, 4e-4)
+    assert strategy.bounds == (1 - 3e-4, 1 + 4e-4)
     # two-token sequences with log r = 3e-4 (s = e^3e-4 = 1.0003, inside [0.9997, 1.0004]) and
     # log r = 5e-4 (s = 1.0005 > 1.0004, clipped); Â = 1
     nu = 0.5
@@ -219,26 +224,26 @@ def test_gspo_default_epsilons() -> None:
 # ------------------------------------------------------------------------ log-ratio quadratic
 
 def test_log_ratio_quadratic_gradient_and_loss() -> None:
-    beta = 0.5
+    tau = 0.5
     batch = one_token_batch(nu=[0.4, 0.5, 0.5], pi=[0.6, 0.25, 0.8], adv=[1.0, -1.0, 0.0])
-    out, grad = grad_of_sum(LogRatioQuadratic(beta=beta), batch)
+    out, grad = grad_of_sum(LogRatioQuadratic(penalty_strength=tau), batch)
     log_r = torch.tensor([math.log(1.5), -math.log(2.0), math.log(1.6)], dtype=F64)
-    # ∂J/∂log π = Â − β log r:
+    # ∂J/∂log π = Â − τ log r:
     #   t0: 1 − 0.5·ln 1.5 = 1 − 0.2027326 = 0.7972674
     #   t1: −1 − 0.5·(−ln 2) = −1 + 0.3465736 = −0.6534264
     #   t2: 0 − 0.5·ln 1.6 = −0.2350018 (Â = 0: only the pull toward ν remains)
     expected_grad = torch.tensor([0.7972674459459178, -0.6534264097200273,
                                   -0.23500181462286782], dtype=F64)
     torch.testing.assert_close(grad[:, 0], expected_grad, atol=1e-12, rtol=0)
-    torch.testing.assert_close(grad[:, 0], batch.advantages - beta * log_r, atol=1e-12, rtol=0)
-    # loss = −(Â log π − (β/2)(log r)²):
+    torch.testing.assert_close(grad[:, 0], batch.advantages - tau * log_r, atol=1e-12, rtol=0)
+    # loss = −(Â log π − (τ/2)(log r)²):
     #   t0: −(ln 0.6 − 0.25·(ln 1.5)²) = −(−0.5108256 − 0.0411005) = 0.5519261
     #   t1: −(−ln 0.25 − 0.25·(ln 2)²) = −(1.3862944 − 0.1201133) = −1.2661811
     #   t2: −(0 − 0.25·(ln 1.6)²) = 0.0552259
     expected_loss = torch.tensor([0.5519261122392821, -1.2661811076403402,
                                   0.05522585287604073], dtype=F64)
     torch.testing.assert_close(out.token_loss[:, 0], expected_loss, atol=1e-12, rtol=0)
-    # declared weight (1 − β log r/Â)/r on Â ≠ 0 tokens: t0 0.7972674/1.5, t1 0.6534264/0.5
+    # declared weight (1 − τ log r/Â)/r on Â ≠ 0 tokens: t0 0.7972674/1.5, t1 0.6534264/0.5
     torch.testing.assert_close(out.weight[:2, 0],
                                torch.tensor([0.7972674459459178 / 1.5,
                                              0.6534264097200273 / 0.5], dtype=F64),
@@ -246,10 +251,10 @@ def test_log_ratio_quadratic_gradient_and_loss() -> None:
 
 
 def test_log_ratio_quadratic_outside_and_negative_weight() -> None:
-    # β = 2, Â = 0.5: boundary at log r = Â/β = 0.25. ν = 0.4, π = 0.6: log r = 0.405 > 0.25
+    # τ = 2, Â = 0.5: boundary at log r = Â/τ = 0.25. ν = 0.4, π = 0.6: log r = 0.405 > 0.25
     # → ∂J/∂log π = 0.5 − 2·0.4054651 = −0.3109302 < 0: a pull back, and outside
     batch = one_token_batch(nu=[0.4], pi=[0.6], adv=[0.5])
-    out, grad = grad_of_sum(LogRatioQuadratic(beta=2.0), batch)
+    out, grad = grad_of_sum(LogRatioQuadratic(penalty_strength=2.0), batch)
     assert grad.item() == pytest.approx(0.5 - 2 * math.log(1.5), abs=1e-12)
     assert bool(out.outside.item())
     assert float(out.metrics[P + "negative_weight_frac"]) == 1.0

@@ -105,7 +105,7 @@ def test_epsilon_low_overrides_epsilon() -> None:
 
 
 def test_dual_clip() -> None:
-    strategy = RatioClip(dual_clip=3.0)
+    strategy = RatioClip(dual_clip_cap=3.0)
     batch = one_token_batch(
         nu=[0.2, 0.2, 0.3, 0.2],
         pi=[0.8, 0.8, 0.6, 0.8],
@@ -170,7 +170,7 @@ def test_metrics_on_a_hand_built_batch() -> None:
         advantages=torch.tensor([adv], dtype=F64),
         mask=torch.tensor([[1, 1, 1, 1, 1, 0]]),
     )
-    out = RatioClip(dual_clip=3.0)(batch)
+    out = RatioClip(dual_clip_cap=3.0)(batch)
     m = {k: float(v) for k, v in out.metrics.items()}
     assert m[P + "outside_frac_pos_adv"] == pytest.approx(1 / 2)  # t0 of {t0, t1}
     assert m[P + "outside_frac_neg_adv"] == pytest.approx(1 / 3)  # t2 of {t2, t3, t4}

@@ -1,4 +1,5 @@
-"""The strategy registry: built-ins, lookups, the decorator and entry points.
+"""The strategy registry: built-ins, lookups, the decorator and entry points, and that no
+strategy defined in the package can be left out of it.
 
 Every test that registers something works on a copy of the registry (monkeypatched), so nothing
 leaks into other tests.
@@ -7,12 +8,18 @@ leaks into other tests.
 from __future__ import annotations
 
 import importlib
+import inspect
+import itertools
+import pkgutil
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+import trustregion
 import trustregion.strategies as strategies_pkg
 from trustregion.strategies import (
     DRPO,
@@ -209,3 +216,73 @@ def test_entry_point_cannot_shadow_a_built_in(monkeypatch: pytest.MonkeyPatch,
     fake_entry_points(monkeypatch, [shadow])
     assert strategy_class("drpo") is DRPO
     assert shadow.loaded == 0
+
+
+# ------------------------------------------------------------------ the registry is complete
+def _concrete_strategies_defined_in_the_package() -> set[type[TrustRegionStrategy]]:
+    """Every non-abstract TrustRegionStrategy subclass defined in a module of ``trustregion``,
+    found by importing every module of the package."""
+    found: set[type[TrustRegionStrategy]] = set()
+    for info in pkgutil.walk_packages(trustregion.__path__, prefix="trustregion."):
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if (inspect.isclass(value) and issubclass(value, TrustRegionStrategy)
+                    and value.__module__ == module.__name__ and not inspect.isabstract(value)):
+                found.add(value)
+    return found
+
+
+@pytest.fixture(scope="module")
+def package_strategies() -> set[type[TrustRegionStrategy]]:
+    # Walked against the real registry (not a test's private copy), so that a class registered
+    # by a module imported here for the first time stays registered for the tests after it.
+    return _concrete_strategies_defined_in_the_package()
+
+
+def test_every_concrete_strategy_in_the_package_is_registered(
+        package_strategies: set[type[TrustRegionStrategy]]) -> None:
+    assert len(package_strategies) >= len(BUILT_INS)  # the walk finds the strategies modules
+    registered = {strategy_class(name) for name in available_strategies()}
+    unregistered = sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in package_strategies
+                          if cls not in registered)
+    assert not unregistered, (
+        f"strategy class(es) {unregistered} are never registered: decorate each with "
+        f"@register_strategy('name') and import its module in trustregion/strategies/__init__.py")
+    # each under a name of its own (a subclass inherits its parent's registered_name)
+    for cls in package_strategies:
+        assert cls.registered_name is not None
+        assert strategy_class(cls.registered_name) is cls
+
+
+def test_importing_the_strategies_package_registers_every_built_in(
+        package_strategies: set[type[TrustRegionStrategy]]) -> None:
+    # A fresh interpreter: in this one other tests have already imported every module.
+    script = ("from trustregion.strategies import available_strategies, strategy_class\n"
+              "for name in available_strategies():\n"
+              "    cls = strategy_class(name)\n"
+              "    print(f'{name}={cls.__module__}.{cls.__qualname__}')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True, timeout=300)
+    after_import = {line for line in result.stdout.split() if "=trustregion." in line}
+    everything = {f"{cls.registered_name}={cls.__module__}.{cls.__qualname__}"
+                  for cls in package_strategies}
+    missing = sorted(everything - after_import)
+    assert not missing, (
+        f"{missing} register only when their module is imported by hand: import each in "
+        f"trustregion/strategies/__init__.py (and add the class to its __all__)")
+    assert after_import == everything
+
+
+def test_the_package_docstring_table_matches_the_registry(private_registry: dict) -> None:
+    lines = (strategies_pkg.__doc__ or "").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| name | class |"))
+    listed: dict[str, str] = {}
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[header + 2:]):
+        match = re.match(r"^\| ``([a-z0-9_]+)`` \| :class:`(\w+)` \|", line)
+        assert match, f"a row not of the form | ``name`` | :class:`Class` | ...: {line}"
+        name, cls = match.groups()
+        assert name not in listed, f"{name!r} is listed twice"
+        listed[name] = cls
+    built_ins = {name: cls.__name__ for name, cls in private_registry.items()
+                 if cls.__module__.startswith("trustregion.")}
+    assert listed == built_ins

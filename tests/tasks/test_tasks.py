@@ -184,10 +184,14 @@ def test_examples_are_deterministic(name):
 @pytest.mark.parametrize(
     ("cls", "kwargs", "message"),
     [
-        (Arithmetic, {"min_value": -1}, "min_value must be >= 0; got -1"),
-        (Arithmetic, {"min_value": 5, "max_value": 4}, "max_value must be >= min_value"),
-        (Arithmetic, {"max_value": 2.5}, "max_value must be an integer; got 2.5"),
-        (Arithmetic, {"max_value": True}, "max_value must be an integer"),
+        (Arithmetic, {"min_value": -1}, "min_value must be an integer ≥ 0; got -1"),
+        (
+            Arithmetic,
+            {"min_value": 5, "max_value": 4},
+            "max_value must be ≥ min_value; got min_value=5, max_value=4",
+        ),
+        (Arithmetic, {"max_value": 2.5}, "max_value must be an integer ≥ 0; got 2.5"),
+        (Arithmetic, {"max_value": True}, "max_value must be an integer ≥ 0; got True"),
         (
             Arithmetic,
             {"operations": ("+", "/")},
@@ -196,8 +200,12 @@ def test_examples_are_deterministic(name):
         (Arithmetic, {"operations": ()}, "operations must name at least one of"),
         (Arithmetic, {"operations": ("+", "+")}, "operations must not repeat"),
         (Arithmetic, {"partial_credit": "yes"}, "partial_credit must be True or False"),
-        (DigitSort, {"min_len": 0}, "min_len must be >= 1; got 0"),
-        (DigitSort, {"min_len": 4, "max_len": 3}, "max_len must be >= min_len"),
+        (DigitSort, {"min_len": 0}, "min_len must be an integer ≥ 1; got 0"),
+        (
+            DigitSort,
+            {"min_len": 4, "max_len": 3},
+            "max_len must be ≥ min_len; got min_len=4, max_len=3",
+        ),
         (Reverse, {"alphabet": ""}, "alphabet must be a non-empty string"),
         (Reverse, {"alphabet": "ab c"}, "alphabet must not contain whitespace or '='"),
         (Reverse, {"alphabet": "a=b"}, "alphabet must not contain whitespace or '='"),
@@ -211,7 +219,7 @@ def test_hyperparameter_validation(cls, kwargs, message):
 
 
 def test_examples_rejects_negative_count():
-    with pytest.raises(ValueError, match="n must be >= 0"):
+    with pytest.raises(ValueError, match="n must be an integer ≥ 0; got -1"):
         Arithmetic().examples(-1)
 
 
@@ -292,6 +300,22 @@ def test_jsonl_custom_keys(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"q": "hi", "a": "yo"})])
     task = JsonlTask(path, prompt_key="q", answer_key="a")
     assert task.data == [Example("hi", "yo")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt_key": ""}, "prompt_key must be a non-empty string; got ''"),
+        ({"answer_key": 3}, "answer_key must be a non-empty string; got 3"),
+        ({"prompt_key": "q", "answer_key": "q"}, "prompt_key and answer_key must differ; both "
+                                                 "are 'q'"),
+    ],
+)
+def test_jsonl_key_names_are_checked(tmp_path, kwargs, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"q": "hi", "a": "yo"})])
+    with pytest.raises(ValueError) as info:
+        JsonlTask(path, **kwargs)
+    assert str(info.value) == message
 
 
 def test_jsonl_missing_file(tmp_path):

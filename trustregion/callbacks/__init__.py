@@ -1,5 +1,6 @@
 """Lightning callbacks that watch an RL run."""
 
+from trustregion.callbacks._windowed import WindowedMonitor
 from trustregion.callbacks.collapse_guard import CollapseGuard
 from trustregion.callbacks.controller import TrustRegionController
 from trustregion.callbacks.drift_monitor import DriftMonitor
@@ -16,4 +17,5 @@ __all__ = [
     "RolloutProgressBar",
     "ShadowStrategies",
     "TrustRegionController",
+    "WindowedMonitor",
 ]

@@ -1,8 +1,9 @@
 """Watch the signs that precede a training collapse and act before it reaches the weights.
 
 Every RL iteration (one ``training_step`` of :class:`~trustregion.module.TrustRegionModule`) the
-guard computes, from the per-token records the step returns (``outputs["updates"]``), over all
-masked tokens of all micro-batch updates, with r = π/μ the policy-to-behaviour ratio:
+guard computes (:mod:`~trustregion.callbacks.collapse_signals`), from the update records of the
+step's :class:`~trustregion.interface.StepOutput`, over all masked tokens of all micro-batch
+updates on every rank, with r = π/μ the policy-to-behaviour ratio:
 
 - ``kl``, the mismatch KL (k3 estimate, mean of 1/r − 1 + log r): fires above ``max_kl``, or
   above ``kl_spike_factor`` × its running mean;
@@ -21,9 +22,10 @@ of KL(π‖μ)).
 When a sign fires, the guard takes its ``action``:
 
 - ``warn``: a warning naming the signal, its value and its threshold;
-- ``skip``: undo this iteration: policy and behaviour weights, optimiser and scheduler state (and
-  the module's behaviour-sync counter) go back to in-memory copies taken in
-  ``on_train_batch_start``, so the iteration's updates never reach the weights;
+- ``skip``: undo this iteration: the module's ``training_state()`` (policy and behaviour
+  weights, optimiser and scheduler state, the behaviour-sync counter) goes back to an in-memory
+  copy taken in ``on_train_batch_start`` (:mod:`~trustregion.callbacks.snapshots`), so the
+  iteration's updates never reach the weights;
 - ``lower_lr``: multiply the learning rate (every optimiser param group and every scheduler's
   ``base_lrs``) by ``lr_factor``, never below ``min_lr``;
 - ``stop``: ask the trainer to stop (``trainer.should_stop = True``);
@@ -56,180 +58,27 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 
-from trustregion.functional.divergences import kl_estimate
-from trustregion.functional.masked import masked_count, masked_sum
-from trustregion.functional.ratios import importance_ratio
-from trustregion.step_logging import log_step_values, writes_logs
+from trustregion.callbacks.collapse_signals import signal_sums, signals_from_sums
+from trustregion.callbacks.snapshots import TrainingSnapshot, nonfinite_weights
+from trustregion.interface import StepOutput, TrainingModule, training_module
+from trustregion.validation import integer_at_least, number_in
 
-if TYPE_CHECKING:
-    from trustregion.module import UpdateRecord
-
-__all__ = ["ACTIONS", "CollapseGuard", "GuardAction", "collapse_signals", "signal_sums"]
+__all__ = ["ACTIONS", "CollapseGuard", "GuardAction"]
 
 GuardAction = Literal["warn", "skip", "lower_lr", "stop", "rollback"]
 ACTIONS: tuple[str, ...] = get_args(GuardAction)
 
-_MODELS = ("policy", "behavior")
-"""Attributes of the module whose weights are copied and restored."""
-_COUNTERS = ("steps_since_sync",)
-"""Attributes of the module restored with the weights (the behaviour-sync counter)."""
 _NONFINITE_METRICS = ("train/loss", "train/grad_norm")
 _SKIPPED_METRIC = "train/skipped_steps"
 
 
-# ------------------------------------------------------------------------------- the signals
-def signal_sums(records: Sequence[UpdateRecord], device: torch.device | None = None) -> Tensor:
-    """Sums over the masked tokens of ``records``, float32 ``[6]``:
-    ``[N, Σ k3, Σ r, Σ r², N_entropy, Σ entropy]`` with r = π/μ and k3 = 1/r − 1 + log r.
-
-    Sums (not means) so that ranks and micro-batches combine by adding.
-    """
-    total = torch.zeros(6, dtype=torch.float32, device=device)
-    for record in records:
-        batch = record.batch
-        mask = batch.bool_mask()
-        ratio = importance_ratio(batch.logp, batch.behavior_logp)
-        k3 = kl_estimate(batch.logp, batch.behavior_logp, "k3")
-        count = masked_count(mask)
-        parts = [count, masked_sum(k3, mask), masked_sum(ratio, mask),
-                 masked_sum(ratio * ratio, mask)]
-        if batch.entropy is not None:
-            parts += [count, masked_sum(batch.entropy, mask)]
-        else:
-            parts += [count.new_zeros(()), count.new_zeros(())]
-        total = total + torch.stack([p.float() for p in parts]).to(total.device)
-    return total
-
-
-def signals_from_sums(sums: Tensor) -> dict[str, float]:
-    """``kl``, ``ess`` and ``entropy`` from :func:`signal_sums`; a signal without tokens is left
-    out."""
-    n, kl_sum, r_sum, r2_sum, n_entropy, entropy_sum = (float(v) for v in sums.tolist())
-    signals: dict[str, float] = {}
-    if n > 0:
-        signals["kl"] = kl_sum / n
-        signals["ess"] = r_sum * r_sum / (n * r2_sum) if r2_sum > 0 else math.nan
-    if n_entropy > 0:
-        signals["entropy"] = entropy_sum / n_entropy
-    return signals
-
-
-def collapse_signals(records: Sequence[UpdateRecord]) -> dict[str, float]:
-    """The guard's signals for one iteration's update records (one process)."""
-    return signals_from_sums(signal_sums(records))
-
-
-# ------------------------------------------------------------------------------- snapshots
-def _copied(value: Any, device: torch.device | str | None) -> Any:
-    """A deep copy of a (nested) state dict; tensors cloned, optionally onto ``device``."""
-    if isinstance(value, Tensor):
-        value = value.detach()
-        return value.clone() if device is None else value.to(device, copy=True)
-    if isinstance(value, Mapping):
-        return {k: _copied(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_copied(v, device) for v in value)
-    return value
-
-
-def _named_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _optimizers(pl_module: L.LightningModule) -> list[torch.optim.Optimizer]:
-    return _as_list(pl_module.optimizers(use_pl_optimizer=False))
-
-
-def _schedulers(pl_module: L.LightningModule) -> list[Any]:
-    return _as_list(pl_module.lr_schedulers())
-
-
-def _nonfinite_weights(pl_module: L.LightningModule) -> list[str]:
-    """Names of the policy and behaviour tensors holding NaN or inf."""
-    names, flags = [], []
-    for attr in _MODELS:
-        model = getattr(pl_module, attr, None)
-        if isinstance(model, torch.nn.Module):
-            for name, tensor in _named_tensors(model).items():
-                if tensor.is_floating_point():
-                    names.append(f"{attr}.{name}")
-                    flags.append(torch.isfinite(tensor).all())
-    if not flags:
-        return []
-    finite = torch.stack(flags).tolist()  # one host synchronisation
-    return [name for name, ok in zip(names, finite, strict=True) if not ok]
-
-
-@dataclass
-class _Snapshot:
-    models: dict[str, dict[str, Tensor]]
-    optimizers: list[dict[str, Any]]
-    schedulers: list[dict[str, Any]]
-    counters: dict[str, Any]
-
-    @classmethod
-    def capture(cls, pl_module: L.LightningModule, device: torch.device | str | None
-                ) -> _Snapshot:
-        models = {}
-        for attr in _MODELS:
-            model = getattr(pl_module, attr, None)
-            if isinstance(model, torch.nn.Module):
-                models[attr] = _copied(_named_tensors(model), device)
-        return cls(
-            models=models,
-            optimizers=[_copied(o.state_dict(), device) for o in _optimizers(pl_module)],
-            schedulers=[_copied(s.state_dict(), device) for s in _schedulers(pl_module)
-                        if hasattr(s, "state_dict")],
-            counters={c: getattr(pl_module, c) for c in _COUNTERS if hasattr(pl_module, c)},
-        )
-
-    def restore(self, pl_module: L.LightningModule, keep: bool) -> None:
-        """Copy the snapshot back; ``keep`` leaves it intact for a later restore (the optimiser
-        would otherwise adopt its tensors and update them in place)."""
-        with torch.no_grad():
-            for attr, saved in self.models.items():
-                tensors = _named_tensors(getattr(pl_module, attr))
-                for name, value in saved.items():
-                    tensors[name].copy_(value)
-        for optimizer, state in zip(_optimizers(pl_module), self.optimizers, strict=True):
-            optimizer.load_state_dict(_copied(state, None) if keep else state)
-        schedulers = [s for s in _schedulers(pl_module) if hasattr(s, "state_dict")]
-        for scheduler, state in zip(schedulers, self.schedulers, strict=True):
-            scheduler.load_state_dict(_copied(state, None) if keep else state)
-        for name, value in self.counters.items():
-            setattr(pl_module, name, value)
-
-
 # ------------------------------------------------------------------------------- the callback
-def _check_range(name: str, value: float | None, *, low: float, high: float = math.inf,
-                 low_inclusive: bool = False, high_inclusive: bool = True,
-                 optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low)
-          and (value <= high if high_inclusive else value < high))
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = "]" if high_inclusive and math.isfinite(high) else ")"
-        none = " (or None to not watch it)" if optional else ""
-        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}{hi}{none}; "
-                         f"got {value!r}")
 
 
 class CollapseGuard(L.Callback):
@@ -284,24 +133,21 @@ class CollapseGuard(L.Callback):
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; allowed: {ACTIONS}")
-        _check_range("max_kl", max_kl, low=0.0)
-        _check_range("kl_spike_factor", kl_spike_factor, low=1.0)
-        _check_range("min_spike_kl", min_spike_kl, low=0.0, low_inclusive=True, optional=False)
-        _check_range("ema_decay", ema_decay, low=0.0, high=1.0, low_inclusive=True,
-                     high_inclusive=False, optional=False)
-        _check_range("min_ess", min_ess, low=0.0, high=1.0)
-        _check_range("min_entropy", min_entropy, low=0.0, low_inclusive=True)
-        _check_range("max_entropy", max_entropy, low=0.0)
+        number_in("max_kl", max_kl, 0.0, optional=True)
+        number_in("kl_spike_factor", kl_spike_factor, 1.0, optional=True)
+        number_in("min_spike_kl", min_spike_kl, 0.0, low_inclusive=True)
+        number_in("ema_decay", ema_decay, 0.0, 1.0, low_inclusive=True,
+                     high_inclusive=False)
+        number_in("min_ess", min_ess, 0.0, 1.0, optional=True)
+        number_in("min_entropy", min_entropy, 0.0, low_inclusive=True, optional=True)
+        number_in("max_entropy", max_entropy, 0.0, optional=True)
         if min_entropy is not None and max_entropy is not None and min_entropy >= max_entropy:
             raise ValueError(f"min_entropy ({min_entropy}) must be below max_entropy "
                              f"({max_entropy})")
-        _check_range("lr_factor", lr_factor, low=0.0, high=1.0, high_inclusive=False,
-                     optional=False)
-        _check_range("min_lr", min_lr, low=0.0, low_inclusive=True, optional=False)
-        for name, count, low in (("warmup_steps", warmup_steps, 0),
-                                 ("snapshot_every", snapshot_every, 1)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < low:
-                raise ValueError(f"{name} must be an integer ≥ {low}; got {count!r}")
+        number_in("lr_factor", lr_factor, 0.0, 1.0, high_inclusive=False)
+        number_in("min_lr", min_lr, 0.0, low_inclusive=True)
+        integer_at_least("warmup_steps", warmup_steps, 0)
+        integer_at_least("snapshot_every", snapshot_every, 1)
         self.max_kl = max_kl
         self.kl_spike_factor = kl_spike_factor
         self.min_spike_kl = min_spike_kl
@@ -320,8 +166,8 @@ class CollapseGuard(L.Callback):
         self.fired_by_signal: dict[str, int] = {}
         self.kl_ema: float | None = None
         self.kl_ema_count = 0
-        self._pre_iteration: _Snapshot | None = None
-        self._last_good: _Snapshot | None = None
+        self._pre_iteration: TrainingSnapshot | None = None
+        self._last_good: TrainingSnapshot | None = None
         self._healthy_since_snapshot = 0
 
     @property
@@ -356,10 +202,9 @@ class CollapseGuard(L.Callback):
                           f"entropy {entropy:.4g} > max_entropy {self.max_entropy:.4g}"))
         return fired
 
-    def _nonfinite(self, trainer: L.Trainer, pl_module: L.LightningModule,
+    def _nonfinite(self, metrics: Mapping[str, Any], module: TrainingModule,
                    signals: Mapping[str, float]) -> list[str]:
         reasons = []
-        metrics = trainer.callback_metrics
         for key in _NONFINITE_METRICS:
             if key in metrics and not math.isfinite(float(metrics[key])):
                 reasons.append(f"{key} = {float(metrics[key])}")
@@ -367,44 +212,51 @@ class CollapseGuard(L.Callback):
             reasons.append(f"{float(metrics[_SKIPPED_METRIC]):g} optimiser step(s) skipped for "
                            "a non-finite gradient")
         reasons += [f"guard/{k} = {v}" for k, v in signals.items() if not math.isfinite(v)]
-        bad = _nonfinite_weights(pl_module)
+        bad = nonfinite_weights(module)
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             reasons.append(f"non-finite weights in {', '.join(bad[:3])}{more}")
         return reasons
 
     # ----------------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        training_module(pl_module, "CollapseGuard")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._healthy_since_snapshot = 0
         if self.action == "rollback":
-            self._last_good = _Snapshot.capture(pl_module, self.snapshot_device)
+            self._last_good = TrainingSnapshot.capture(training_module(pl_module, "CollapseGuard"),
+                                                       self.snapshot_device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         if self.action != "rollback":  # rollback restores the last good state instead
-            self._pre_iteration = _Snapshot.capture(pl_module, self.snapshot_device)
+            self._pre_iteration = TrainingSnapshot.capture(
+                training_module(pl_module, "CollapseGuard"), self.snapshot_device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        updates = outputs.get("updates", []) if isinstance(outputs, Mapping) else []
+        module = training_module(pl_module, "CollapseGuard")
+        step = StepOutput.of(outputs)
+        updates = step.updates if step is not None else ()
         sums = trainer.strategy.reduce(signal_sums(updates, pl_module.device), reduce_op="sum")
         signals = signals_from_sums(sums)
         fired = self.check(signals)
-        nonfinite = self._nonfinite(trainer, pl_module, signals)
+        nonfinite = self._nonfinite(step.metrics if step is not None else {}, module, signals)
         any_nonfinite = trainer.strategy.reduce_boolean_decision(bool(nonfinite), all=False)
         if any_nonfinite:
             fired.append(("nonfinite", "non-finite values: "
                           + ("; ".join(nonfinite) or "on another process")))
         if fired:
-            self._act(trainer, pl_module, fired, restore=any_nonfinite)
+            self._act(trainer, module, fired, restore=any_nonfinite)
         else:
-            self._healthy(pl_module, signals)
+            self._healthy(module, signals)
         self._pre_iteration = None
         logged = {"guard/fired": float(bool(fired)),
                   **{f"guard/{k}": v for k, v in signals.items()}}
-        log_step_values(trainer, logged, to_loggers=writes_logs(trainer, batch_idx))
+        module.step_log.add(logged, write=module.step_log.logging_batch(batch_idx))
 
-    def _act(self, trainer: L.Trainer, pl_module: L.LightningModule,
+    def _act(self, trainer: L.Trainer, module: TrainingModule,
              fired: list[tuple[str, str]], restore: bool) -> None:
         self.fired_count += 1
         for name, _ in fired:
@@ -412,15 +264,15 @@ class CollapseGuard(L.Callback):
         done = []
         if self.action == "rollback":
             assert self._last_good is not None, "rollback needs the snapshot from on_train_start"
-            self._last_good.restore(pl_module, keep=True)
+            self._last_good.restore(module, keep=True)
             self._healthy_since_snapshot = 0
             done.append("rolled back to the last known-good state")
         elif restore or self.action == "skip":
             assert self._pre_iteration is not None
-            self._pre_iteration.restore(pl_module, keep=False)
+            self._pre_iteration.restore(module, keep=False)
             done.append("undid this iteration's update")
         if self.action == "lower_lr":
-            done.append(self._lower_lr(pl_module))
+            done.append(self._lower_lr(trainer))
         if self.action == "stop":
             trainer.should_stop = True
             done.append("stopping training")
@@ -432,7 +284,7 @@ class CollapseGuard(L.Callback):
         else:
             rank_zero_info(message)
 
-    def _healthy(self, pl_module: L.LightningModule, signals: Mapping[str, float]) -> None:
+    def _healthy(self, module: TrainingModule, signals: Mapping[str, float]) -> None:
         kl = signals.get("kl")
         if kl is not None:
             self.kl_ema = kl if self.kl_ema is None else (
@@ -441,26 +293,27 @@ class CollapseGuard(L.Callback):
         if self.action == "rollback":
             self._healthy_since_snapshot += 1
             if self._healthy_since_snapshot >= self.snapshot_every:
-                self._last_good = _Snapshot.capture(pl_module, self.snapshot_device)
+                self._last_good = TrainingSnapshot.capture(module, self.snapshot_device)
                 self._healthy_since_snapshot = 0
 
     def _lowered(self, lr: float) -> float:
         return min(lr, max(lr * self.lr_factor, self.min_lr))
 
-    def _lower_lr(self, pl_module: L.LightningModule) -> str:
+    def _lower_lr(self, trainer: L.Trainer) -> str:
         before = after = math.nan
-        for optimizer in _optimizers(pl_module):
+        for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 before = group["lr"]
                 group["lr"] = after = self._lowered(group["lr"])
-        for scheduler in _schedulers(pl_module):
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
             if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [self._lowered(lr) for lr in scheduler.base_lrs]
+                scheduler.base_lrs = [self._lowered(float(lr)) for lr in scheduler.base_lrs]
         return f"learning rate {before:.4g} → {after:.4g}"
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        bad = _nonfinite_weights(pl_module)
+        bad = nonfinite_weights(training_module(pl_module, "CollapseGuard"))
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise RuntimeError(

@@ -1,7 +1,8 @@
 """Adapt the trust region's width to hold a target, like adaptive KL control.
 
 Each RL iteration the controller measures one quantity over the masked tokens of all the
-iteration's update records (``outputs["updates"]``):
+iteration's update records (the ``updates`` of its :class:`~trustregion.interface.StepOutput`),
+on every rank:
 
 - ``outside_frac``: the fraction of tokens beyond the trust region in the harmful direction
   (``StrategyOutput.outside``);
@@ -32,20 +33,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from trustregion.functional.divergences import kl_estimate
+from trustregion.functional.drift import kl_k3
 from trustregion.functional.masked import masked_count, masked_sum
-from trustregion.step_logging import log_step_values, writes_logs
+from trustregion.interface import StepOutput, UpdateRecord, training_module
 from trustregion.strategies.base import TrustRegionStrategy
-
-if TYPE_CHECKING:
-    from trustregion.module import UpdateRecord
+from trustregion.validation import number_in, require
 
 __all__ = ["ERROR_CLIP", "TARGETS", "ControllerTarget", "TrustRegionController"]
 
@@ -56,19 +55,11 @@ ERROR_CLIP = 0.2
 widths by at most a factor 1 ± 0.2·gain."""
 
 
-def _strategy(pl_module: L.LightningModule) -> TrustRegionStrategy:
-    strategy = getattr(pl_module, "trust_region", None)
-    if not isinstance(strategy, TrustRegionStrategy):
-        raise ValueError("TrustRegionController needs a module with a `trust_region` attribute "
-                         f"holding a TrustRegionStrategy; {type(pl_module).__name__} has "
-                         f"{type(strategy).__name__}")
-    return strategy
-
-
 def current_widths(strategy: TrustRegionStrategy) -> dict[str, float]:
-    """The strategy's width hyperparameters that are set (None ones are left out)."""
+    """The strategy's width hyperparameters that are set and finite (None ones inherit another
+    width and inf ones are no bound: both are left out, and :meth:`scale_width` leaves them)."""
     return {name: getattr(strategy, name) for name in strategy.widths
-            if getattr(strategy, name) is not None}
+            if getattr(strategy, name) is not None and math.isfinite(getattr(strategy, name))}
 
 
 class TrustRegionController(L.Callback):
@@ -96,16 +87,12 @@ class TrustRegionController(L.Callback):
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; allowed: {TARGETS}")
         high = 1.0 if target == "outside_frac" else math.inf
-        if not (_is_number(target_value) and 0 < target_value < high):
-            raise ValueError(f"target_value for {target!r} must be a finite number in "
-                             f"(0, {high}); got {target_value!r}")
-        if not (_is_number(gain) and 0 < gain < 1 / ERROR_CLIP):
-            raise ValueError(f"gain must be a finite number in (0, {1 / ERROR_CLIP:g}) so that "
-                             f"every factor stays positive; got {gain!r}")
-        if not (_is_number(min_scale) and 0 < min_scale <= 1):
-            raise ValueError(f"min_scale must be a finite number in (0, 1]; got {min_scale!r}")
-        if not (_is_number(max_scale) and max_scale >= 1):
-            raise ValueError(f"max_scale must be a finite number ≥ 1; got {max_scale!r}")
+        number_in(f"target_value for {target!r}", target_value, 0, high, high_inclusive=False)
+        number_in("gain", gain, 0, round(1 / ERROR_CLIP), high_inclusive=False,
+                  note="so that every factor stays positive")
+        number_in("min_scale", min_scale, 0, 1)
+        require(_is_number(max_scale) and max_scale >= 1,
+                f"max_scale must be a finite number ≥ 1; got {max_scale!r}")
         self.target: ControllerTarget = target
         self.target_value = float(target_value)
         self.gain = float(gain)
@@ -129,7 +116,7 @@ class TrustRegionController(L.Callback):
             if self.target == "outside_frac":
                 value = record.output.outside.float()
             else:
-                value = kl_estimate(record.batch.logp, record.batch.behavior_logp, "k3")
+                value = kl_k3(record.batch.logp, record.batch.behavior_logp)
             part = torch.stack([masked_sum(value, mask).float(), masked_count(mask)])
             total = total + part.to(total.device)
         return total
@@ -158,7 +145,7 @@ class TrustRegionController(L.Callback):
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        strategy = _strategy(pl_module)
+        strategy = training_module(pl_module, "TrustRegionController").strategy
         if not current_widths(strategy):
             name = strategy.registered_name or type(strategy).__name__
             raise ValueError(
@@ -169,8 +156,10 @@ class TrustRegionController(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        strategy = _strategy(pl_module)
-        updates = outputs.get("updates", []) if isinstance(outputs, Mapping) else []
+        module = training_module(pl_module, "TrustRegionController")
+        strategy = module.strategy
+        step = StepOutput.of(outputs)
+        updates = step.updates if step is not None else ()
         sums = self.observation_sums(updates, pl_module.device)
         observed = _mean(trainer.strategy.reduce(sums, reduce_op="sum"))
         if observed is not None:
@@ -178,7 +167,7 @@ class TrustRegionController(L.Callback):
         logged = {"controller/scale": self.scale,
                   **({"controller/observed": observed} if observed is not None else {}),
                   **{f"controller/{k}": float(v) for k, v in current_widths(strategy).items()}}
-        log_step_values(trainer, logged, to_loggers=writes_logs(trainer, batch_idx))
+        module.step_log.add(logged, write=module.step_log.logging_batch(batch_idx))
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

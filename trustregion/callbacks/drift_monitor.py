@@ -25,7 +25,7 @@ x = log ν − log π clamped to ±20 and r = e⁻ˣ = π / ν:
 | ``drift/P/ratio_min``, ``_mean``, ``_max`` | min, mean, max of r |
 | ``drift/P/log_ppl_diff`` | mean over sequences of mean_t x (log-perplexity under π minus ν) |
 | ``drift/entropy`` | mean policy entropy over tokens (when the batch has ``entropy``) |
-| ``region/outside_frac`` | fraction of tokens beyond the active region (harmful direction) |
+| ``region/outside_frac`` | fraction of the window's tokens beyond the region (harmful direction) |
 | ``region/zero_weight_frac`` | fraction with gradient weight exactly 0 (clipped/masked) |
 | ``region/negative_weight_frac`` | fraction with gradient weight < 0 (corrective pull) |
 | ``region/<fraction>_pos_adv``, ``_neg_adv`` | each fraction among tokens with Â > 0 / Â < 0 |
@@ -39,13 +39,20 @@ every strategy that anchors on the behaviour policy (the default). The ``region/
 from each record's ``StrategyOutput.weight`` and ``outside``, which every strategy fills in the
 same way, so two runs with different strategies plot on the same chart.
 
+``region/*`` and the strategy's ``trust_region/*`` name different statistics of the same
+per-token flags: ``trust_region/<fraction>`` is the active strategy's own metric, computed by
+the module for every rollout batch (whatever callbacks are attached) over that batch's tokens;
+``region/<fraction>`` is this monitor's, over every token of its logging window, on the same
+tokens as its ``drift/*`` keys, and split further by μ. With a window of one rollout batch the
+shared fractions are equal. Charts draw ``trust_region/*`` (see :mod:`trustregion.plots.charts`).
+
 The tokens were sampled from μ, not π: k1 and k3 are the usual per-token drift estimators on
 those tokens (as inference/training mismatch monitors log them), not unbiased estimates of
 KL(π‖ν).
 
 For the progress bar (not sent to loggers) it also logs, after every rollout batch whatever the
 logging window, that batch's ``kl`` (``drift/behavior/kl_k3``) and ``outside``
-(``region/outside_frac``), on this process's tokens.
+(``trust_region/outside_frac``), on this process's tokens.
 
 Example:
     >>> trainer = L.Trainer(callbacks=[DriftMonitor()])   # doctest: +SKIP
@@ -61,8 +68,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from trustregion.callbacks._windowed import WindowedMonitor, update_records
-from trustregion.functional.divergences import kl_estimate
+from trustregion.callbacks._windowed import WindowedMonitor
+from trustregion.functional.drift import kl_k3
+from trustregion.interface import StepOutput, training_module
 from trustregion.metrics.drift import (
     PAIR_STATISTICS,
     REGION_STATISTICS,
@@ -79,8 +87,10 @@ __all__ = ["PAIRS", "PROGRESS_BAR", "DriftMonitor", "progress_bar_values"]
 PAIRS: dict[str, str] = {"behavior": "behavior_logp", "old": "old_logp", "ref": "ref_logp"}
 """Drift pair name → the ``TokenBatch`` field holding the other policy's log-probs."""
 
-PROGRESS_BAR: dict[str, str] = {"kl": "drift/behavior/kl_k3", "outside": "region/outside_frac"}
-"""Progress-bar name → the logged key it shows for the latest rollout batch alone."""
+PROGRESS_BAR: dict[str, str] = {"kl": "drift/behavior/kl_k3",
+                                "outside": "trust_region/outside_frac"}
+"""Progress-bar name → the logged statistic it shows for the latest rollout batch alone (on
+this process's tokens)."""
 
 
 def progress_bar_values(records: Sequence[Any]) -> dict[str, Tensor]:
@@ -91,7 +101,7 @@ def progress_bar_values(records: Sequence[Any]) -> dict[str, Tensor]:
     kl = outside = count = None
     for record in records:
         batch, mask = record.batch, record.batch.bool_mask()
-        k3 = torch.where(mask, kl_estimate(batch.logp.detach(), batch.behavior_logp.detach()),
+        k3 = torch.where(mask, kl_k3(batch.logp.detach(), batch.behavior_logp.detach()),
                          0.0).sum()
         beyond = (record.output.outside & mask).sum()
         kl = k3 if kl is None else kl + k3
@@ -170,6 +180,7 @@ class DriftMonitor(WindowedMonitor):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for name, value in progress_bar_values(update_records(outputs)).items():
-            pl_module.log(name, value, prog_bar=True, logger=False, on_step=True,
-                          on_epoch=False, sync_dist=False, batch_size=1)
+        step = StepOutput.of(outputs)
+        if step is not None:
+            module = training_module(pl_module, type(self).__name__)
+            module.step_log.show(progress_bar_values(step.updates))

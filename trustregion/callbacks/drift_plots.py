@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from trustregion.plots import (
-    TOKEN_SAMPLE_COLUMNS,
-    load_metrics,
+from trustregion.functional.drift import prob_shift
+from trustregion.interface import StepOutput, UpdateRecord, training_module
+from trustregion.plots.charts import (
     plot_drift_panel,
     plot_reward,
     plot_weight_vs_shift,
-    strategy_label,
+    weight_chart_title,
 )
+from trustregion.plots.runs import TOKEN_SAMPLE_COLUMNS, load_metrics, write_token_samples
 
 __all__ = ["DriftPlots"]
 
@@ -28,13 +28,14 @@ __all__ = ["DriftPlots"]
 class DriftPlots(L.Callback):
     """Keep a uniform sample of the tokens the strategy saw and draw PNG charts of the run.
 
-    Every RL iteration, the sampled (masked-in) tokens of every update in
-    ``outputs["updates"]`` feed a reservoir sample of at most ``max_tokens`` rows
-    (Algorithm R, seeded), so every token of the run has the same chance to be kept:
+    Every RL iteration, the sampled (masked-in) tokens of every update in the step's
+    :class:`~trustregion.interface.StepOutput` (its ``updates``) feed a reservoir sample of at
+    most ``max_tokens`` rows (Algorithm R, seeded), so every token of the run has the same
+    chance to be kept:
 
     ======== ===================================================================
     step     the RL iteration (the logger's ``step``)
-    delta    Δ = π − μ = μ · expm1(log π − log μ), behaviour probability μ
+    delta    Δ = π − μ = μ · expm1(log π − log μ) (:func:`~trustregion.functional.prob_shift`)
     weight   the strategy's gradient weight w of the token
     adv_sign sign of the token's advantage Â (−1, 0 or 1)
     mu       μ, the probability the behaviour policy gave the sampled token
@@ -105,7 +106,7 @@ class DriftPlots(L.Callback):
         self.tokens_seen += count
 
     @staticmethod
-    def token_rows(updates: list[Any], step: int) -> dict[str, Tensor]:
+    def token_rows(updates: Sequence[UpdateRecord], step: int) -> dict[str, Tensor]:
         """The masked-in tokens of ``UpdateRecord``s as columns (see the class docstring)."""
         parts: dict[str, list[Tensor]] = {key: [] for key in TOKEN_SAMPLE_COLUMNS}
         for record in updates:
@@ -114,7 +115,7 @@ class DriftPlots(L.Callback):
             logp = batch.logp.detach()[mask].double()
             behavior_logp = batch.behavior_logp.detach()[mask].double()
             mu = behavior_logp.exp()
-            parts["delta"].append((mu * torch.expm1(logp - behavior_logp)).cpu())
+            parts["delta"].append(prob_shift(logp, behavior_logp).cpu())
             parts["weight"].append(output.weight.detach()[mask].double().cpu())
             parts["adv_sign"].append(batch.token_advantages()[mask].sign().double().cpu())
             parts["mu"].append(mu.cpu())
@@ -124,11 +125,11 @@ class DriftPlots(L.Callback):
                 for key, values in parts.items()}
 
     # ---------------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        training_module(pl_module, "DriftPlots")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        strategy = getattr(pl_module, "trust_region", None)
-        if strategy is not None and hasattr(strategy, "hparams"):
-            self.title = (f"{strategy_label(type(strategy).__name__, strategy.hparams())}: "
-                          "gradient weight against probability shift")
+        self.title = weight_chart_title(training_module(pl_module, "DriftPlots").strategy)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -136,9 +137,9 @@ class DriftPlots(L.Callback):
         self.iterations += 1
         if not trainer.is_global_zero:
             return
-        updates = outputs.get("updates") if isinstance(outputs, dict) else None
-        if updates:
-            self.add_tokens(self.token_rows(updates, step))
+        output = StepOutput.of(outputs)
+        if output is not None and output.updates:
+            self.add_tokens(self.token_rows(list(output.updates), step))
         logged = {key: float(value) for key, value in trainer.callback_metrics.items()
                   if isinstance(value, Tensor) and value.numel() == 1}
         self.history.append((step, logged))
@@ -177,18 +178,10 @@ class DriftPlots(L.Callback):
         return series
 
     def write_samples(self, path: Path) -> Path:
-        """Write the reservoir as CSV, rows ordered by step."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        columns = np.stack([self.sample[key].double().numpy() for key in TOKEN_SAMPLE_COLUMNS],
-                           axis=1)
-        columns = columns[np.argsort(columns[:, 0], kind="stable")]
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(TOKEN_SAMPLE_COLUMNS)
-            for step, delta, weight, sign, mu in columns:
-                writer.writerow([int(step), f"{delta:.8g}", f"{weight:.8g}", int(sign),
-                                 f"{mu:.8g}"])
-        return path
+        """Write the reservoir as CSV, rows ordered by step (see
+        :func:`~trustregion.plots.write_token_samples`)."""
+        return write_token_samples({key: value.double().numpy()
+                                    for key, value in self.sample.items()}, path)
 
     def render(self, trainer: L.Trainer) -> list[Path]:
         """Write the token sample and every chart the data allows; returns the paths."""

@@ -7,12 +7,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from trustregion.interface import StepOutput
+
 __all__ = ["RewardSummary"]
 
 
 class RewardSummary(L.Callback):
     """At the end of training, report the mean reward of the first and the last ``window``
-    rollout batches (read from the rollouts ``training_step`` returns).
+    rollout batches (the global ``reward/mean`` of each step's
+    :class:`~trustregion.interface.StepOutput`).
 
     Args:
         window: rollout batches averaged at each end.
@@ -26,9 +29,9 @@ class RewardSummary(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        rollout = outputs.get("rollout") if isinstance(outputs, dict) else None
-        if rollout is not None and rollout.rewards is not None:
-            self.rewards.append(float(rollout.rewards.mean()))
+        step = StepOutput.of(outputs)
+        if step is not None and "reward/mean" in step.metrics:
+            self.rewards.append(float(step.metrics["reward/mean"]))
 
     def summary(self) -> tuple[float, float] | None:
         """(first-window mean, last-window mean), or None before any rollout."""

@@ -25,8 +25,9 @@ get ``_2``, ``_3``, … in order.
 Shadows see only what the training loop records: old log-probs exist only when the active
 strategy anchors on ``old``, so a shadow anchored on ``old`` requires that; top-K log-probs are
 recorded for the largest ``behavior_topk`` of the active strategy and the shadows (the callback
-raises the module's ``record_topk`` in ``setup``); each top-K strategy reads only its own K of
-them (``TokenBatch.topk_slots``), so adding a shadow never changes what the active one trains on.
+asks the module for them in ``setup``, through ``request_behavior_topk``); each top-K strategy
+reads only its own K of them (``TokenBatch.topk_slots``), so adding a shadow never changes what
+the active one trains on.
 
 Example:
     >>> trainer = L.Trainer(callbacks=[ShadowStrategies(["ratio_clip", "dppo"])])  # doctest: +SKIP
@@ -35,13 +36,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from trustregion.callbacks._windowed import WindowedMonitor
+from trustregion.interface import training_module
 from trustregion.metrics.agreement import AGREEMENT_STATISTICS, StrategyAgreement
 from trustregion.strategies import TrustRegionStrategy, get_strategy
 
@@ -92,10 +94,8 @@ class ShadowStrategies(WindowedMonitor):
                 for stat in AGREEMENT_STATISTICS]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        active = getattr(pl_module, "trust_region", None)
-        if not isinstance(active, TrustRegionStrategy):
-            raise ValueError("ShadowStrategies needs a module with a `trust_region` strategy "
-                             f"(TrustRegionModule); {type(pl_module).__name__} has none")
+        module = training_module(pl_module, "ShadowStrategies")
+        active = module.strategy
         for label, strategy in self.strategies.items():
             if strategy.anchor == "old" and active.anchor != "old":
                 raise ValueError(
@@ -103,10 +103,7 @@ class ShadowStrategies(WindowedMonitor):
                     f"{type(active).__name__} anchors on {active.anchor!r}: old log-probs are "
                     "only recomputed for an active strategy anchored on 'old'. Give the shadow "
                     "anchor='behavior', or anchor the active strategy on 'old'")
-        needed = max(s.behavior_topk for s in self.strategies.values())
-        module: Any = pl_module
-        if needed > getattr(module, "record_topk", 0):
-            module.record_topk = needed
+        module.request_behavior_topk(max(s.behavior_topk for s in self.strategies.values()))
 
     def update(self, batch: TokenBatch, active: StrategyOutput) -> None:
         """Evaluate every shadow on one micro-batch update (detached ``batch``) and compare it

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from trustregion.functional.ratios import LOG_RATIO_CLAMP
+from trustregion.functional.drift import kl_k1, kl_k2, kl_k3
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -25,6 +25,7 @@ __all__ = [
 
 _TINY = 1e-12
 KL_ESTIMATORS = ("k1", "k2", "k3")
+_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def binary_tv(prob: Tensor, anchor_prob: Tensor) -> Tensor:
@@ -69,14 +70,9 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor,
     """Per-token estimate of KL(π‖π_ref) from samples of π, with x = log π_ref − log π.
 
     k1 = −x (unbiased, high variance), k2 = x²/2, k3 = eˣ − x − 1 (unbiased, ≥ 0).
-    x is clamped to ±20.
+    x is clamped to ±20. Dispatches to :func:`~trustregion.functional.drift.kl_k1`,
+    :func:`~trustregion.functional.drift.kl_k2` or :func:`~trustregion.functional.drift.kl_k3`.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; allowed: {KL_ESTIMATORS}")
-    dtype = torch.promote_types(logp.dtype, torch.float32)
-    x = (ref_logp.to(dtype) - logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if estimator == "k1":
-        return -x
-    if estimator == "k2":
-        return 0.5 * x * x
-    return torch.expm1(x) - x
+    return _ESTIMATORS[estimator](logp, ref_logp)

@@ -8,7 +8,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_count", "masked_max", "masked_mean", "masked_min", "masked_sum"]
+__all__ = [
+    "count_fraction",
+    "masked_count",
+    "masked_max",
+    "masked_mean",
+    "masked_min",
+    "masked_sum",
+]
 
 
 def masked_count(mask: Tensor) -> Tensor:
@@ -39,3 +46,14 @@ def masked_min(values: Tensor, mask: Tensor) -> Tensor:
 def masked_max(values: Tensor, mask: Tensor) -> Tensor:
     """Maximum over the selected elements; 0 when nothing is selected."""
     return -masked_min(-values.float() if not values.is_floating_point() else -values, mask)
+
+
+def count_fraction(hits: Tensor, total: Tensor) -> Tensor:
+    """hits / total from counts (elementwise), 0 where ``total`` is 0: :func:`masked_mean` of a
+    flag from its sums, for counts that several micro-batches or ranks combine by adding.
+
+    Example (outside-the-region counts 1 of 4 and 0 of 0):
+        >>> count_fraction(torch.tensor([1.0, 0.0]), torch.tensor([4.0, 0.0])).tolist()
+        [0.25, 0.0]
+    """
+    return hits / total.clamp(min=1)

@@ -2,7 +2,9 @@
 
 Both strategies are evaluated on the same masked tokens; the metric keeps token counts and the
 sums a Pearson correlation needs (n, Σx, Σy, Σx², Σy², Σxy) as ``sum`` states, so the result over
-several micro-batches and ranks equals the result over all their tokens at once.
+several micro-batches and ranks equals the result over all their tokens at once. The statistics
+are :func:`~trustregion.functional.count_fraction` and
+:func:`~trustregion.functional.correlation.pearson_from_sums` of those sums.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from trustregion.functional.correlation import pearson_from_sums
+from trustregion.functional.masked import count_fraction
 
 __all__ = ["AGREEMENT_STATISTICS", "StrategyAgreement", "pearson_from_sums"]
 
@@ -28,32 +33,6 @@ AGREEMENT_STATISTICS: dict[str, str] = {
 _SHIFT = 1.0
 """Weights are accumulated as w − 1 (1 is plain importance-sampled policy gradient, the value
 most weights sit near), which keeps the float64 sums free of cancellation."""
-
-_CONSTANT = 1e-12
-"""A weight counts as constant when its variance is below this fraction of its (shifted)
-second moment: float32 weights cannot vary by less than that."""
-
-
-def pearson_from_sums(n: Tensor, sx: Tensor, sy: Tensor, sxx: Tensor, syy: Tensor,
-                      sxy: Tensor) -> Tensor:
-    """Pearson correlation from the sums over n pairs; 0 when n = 0 or either side is constant.
-
-    Example:
-        >>> x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64); y = 2 * x
-        >>> float(pearson_from_sums(torch.tensor(3.0), x.sum(), y.sum(), (x * x).sum(),
-        ...                         (y * y).sum(), (x * y).sum()))
-        1.0
-    """
-    safe = n.clamp(min=1)
-    mx, my = sx / safe, sy / safe
-    second_x, second_y = sxx / safe, syy / safe
-    var_x = (second_x - mx * mx).clamp(min=0)
-    var_y = (second_y - my * my).clamp(min=0)
-    cov = sxy / safe - mx * my
-    varies = (var_x > _CONSTANT * second_x) & (var_y > _CONSTANT * second_y) & (n > 0)
-    corr = cov / (var_x * var_y).sqrt().clamp(min=1e-300)
-    return torch.where(varies, corr.clamp(-1, 1), torch.zeros_like(corr))
-
 
 class StrategyAgreement(Metric):
     """Agreement of a shadow strategy with the active one over masked tokens.
@@ -96,7 +75,7 @@ class StrategyAgreement(Metric):
                                   (x * y).sum()])
 
     def compute(self) -> dict[str, Tensor]:
-        fractions = self.counts / self.tokens.clamp(min=1)
+        fractions = count_fraction(self.counts, self.tokens)
         corr = pearson_from_sums(self.tokens, *self.sums.unbind())
         values = {
             "outside_frac": fractions[0],

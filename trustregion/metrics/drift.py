@@ -18,6 +18,9 @@ Per token, with anchor ν and x = log ν − log π clamped to ±20 (r = e⁻ˣ 
 | ``ratio_min``, ``ratio_mean``, ``ratio_max`` | min, mean, max of r |
 | ``log_ppl_diff`` | mean over sequences of mean_t x: log-perplexity under π minus under ν |
 
+The per-token values and the reductions from sums are the functions of
+:mod:`trustregion.functional.drift` (``kl_k1``, ``kl_k3``, ``tv``, ``ratio_excess``,
+``chi2_from_excess``, ``ess_fraction_from_excess``); the classes here only keep their sums.
 Sums are kept in float64, and r enters them as r − 1 = expm1(log r), so that χ², ESS and the
 ratio mean stay accurate when π and ν are close (r ≈ 1). With no token seen every statistic is 0.
 """
@@ -31,7 +34,15 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from trustregion.functional.ratios import LOG_RATIO_CLAMP
+from trustregion.functional.drift import (
+    chi2_from_excess,
+    ess_fraction_from_excess,
+    kl_k1,
+    kl_k3,
+    ratio_excess,
+    tv,
+)
+from trustregion.functional.masked import count_fraction, masked_sum
 
 __all__ = [
     "NU_BUCKETS",
@@ -150,37 +161,35 @@ class PairDrift(_TokenMetric):
 
     def update(self, logp: Tensor, anchor_logp: Tensor, mask: Tensor) -> None:
         valid = mask.bool()
+        logp, anchor_logp = logp.double(), anchor_logp.double()
         zero = torch.zeros((), dtype=torch.float64, device=logp.device)
-        log_ratio = torch.where(
-            valid, (logp.double() - anchor_logp.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP),
-            zero)
-        excess = torch.expm1(log_ratio)                      # r − 1, 0 where masked
-        shift = (torch.where(valid, anchor_logp.double(), zero).exp() * excess).abs()
-        x = -log_ratio
-        k3 = torch.expm1(x) - x
+        # Per token from the functional forms; masked positions (possibly NaN) become 0.
+        log_r = torch.where(valid, kl_k1(logp, anchor_logp), zero)      # log r = k1
+        excess = torch.where(valid, ratio_excess(logp, anchor_logp), zero)  # r − 1
+        shift = torch.where(valid, tv(logp, anchor_logp), zero)         # abs(π − ν)
+        k3 = torch.where(valid, kl_k3(logp, anchor_logp), zero)
         ratio = excess + 1
         self.tokens += valid.sum()
-        self.shift_sum += shift.sum()
+        self.shift_sum += masked_sum(shift, valid)
         self.shift_max = torch.maximum(self.shift_max, shift.amax() if shift.numel() else zero)
         self.shifts.append(shift[valid].float())
-        self.k1_sum += log_ratio.sum()
-        self.k3_sum += k3.sum()
-        self.excess_sum += excess.sum()
-        self.excess_sq_sum += excess.square().sum()
+        self.k1_sum += masked_sum(log_r, valid)
+        self.k3_sum += masked_sum(k3, valid)
+        self.excess_sum += masked_sum(excess, valid)
+        self.excess_sq_sum += masked_sum(excess.square(), valid)
         inf = torch.full((), float("inf"), dtype=torch.float64, device=logp.device)
         self.ratio_lowest = torch.minimum(self.ratio_lowest, torch.where(valid, ratio, inf).amin()
                                           if ratio.numel() else inf)
         self.ratio_highest = torch.maximum(self.ratio_highest, torch.where(valid, ratio, zero)
                                            .amax() if ratio.numel() else zero)
         per_seq = valid.sum(-1)
-        self.seq_sum += (x.sum(-1) / per_seq.clamp(min=1)).sum()
+        self.seq_sum += (-log_r.sum(-1) / per_seq.clamp(min=1)).sum()  # x = −log r
         self.seqs += (per_seq > 0).sum()
 
     def compute(self) -> dict[str, Tensor]:
         n = self.tokens
         safe = n.clamp(min=1)
         s1, s2 = self.excess_sum, self.excess_sq_sum      # Σ(r − 1), Σ(r − 1)²
-        sum_r, sum_r2 = n + s1, n + 2 * s1 + s2
         seen = n > 0
         zero = torch.zeros_like(n)
         values = {
@@ -189,8 +198,8 @@ class PairDrift(_TokenMetric):
             "tv_max": self.shift_max,
             "kl_k1": self.k1_sum / safe,
             "kl_k3": self.k3_sum / safe,
-            "chi2": (2 * s1 + s2) / safe,
-            "ess": torch.where(seen, sum_r.square() / (safe * sum_r2.clamp(min=1e-300)), zero),
+            "chi2": chi2_from_excess(s1, s2, n),
+            "ess": ess_fraction_from_excess(s1, s2, n),
             "ratio_min": torch.where(seen, self.ratio_lowest, zero),
             "ratio_mean": torch.where(seen, 1 + s1 / safe, zero),
             "ratio_max": self.ratio_highest,
@@ -212,7 +221,7 @@ class TokenMean(_TokenMetric):
 
     def update(self, values: Tensor, mask: Tensor) -> None:
         valid = mask.bool()
-        self.total += torch.where(valid, values.double(), 0.0).sum()
+        self.total += masked_sum(values.double(), valid)
         self.tokens += valid.sum()
 
     def compute(self) -> Tensor:
@@ -254,5 +263,5 @@ class RegionActivity(_TokenMetric):
         self.hits += (events[:, None] & groups[None]).sum(-1)
 
     def compute(self) -> dict[str, Tensor]:
-        fractions = (self.hits / self.counts.clamp(min=1)).float()    # [events, groups]
+        fractions = count_fraction(self.hits, self.counts).float()    # [events, groups]
         return dict(zip(REGION_STATISTICS, fractions.flatten(), strict=True))

@@ -10,12 +10,7 @@ from trustregion.models.char_tokenizer import (
     build_char_tokenizer,
     char_vocab,
 )
-from trustregion.models.tiny import (
-    TINY_MODEL_DIR,
-    load_tiny_model,
-    load_tiny_tokenizer,
-    tiny_llama_config,
-)
+from trustregion.models.tiny import TINY_MODEL_DIR, tiny_llama_config
 
 __all__ = [
     "ALPHABET",
@@ -27,7 +22,5 @@ __all__ = [
     "UNK_TOKEN",
     "build_char_tokenizer",
     "char_vocab",
-    "load_tiny_model",
-    "load_tiny_tokenizer",
     "tiny_llama_config",
 ]

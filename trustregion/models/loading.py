@@ -28,7 +28,7 @@ from transformers import (
 
 from trustregion.models.tiny import TINY_MODEL_DIR
 
-__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "smollm2_gguf"]
+__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "prepare_tokenizer", "smollm2_gguf"]
 
 TINY = "tiny-char-llama"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -59,6 +59,9 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32
     if not isinstance(source, str) or not source:
         raise ValueError(f"model source must be a non-empty string: {SOURCES_HELP}")
     if source == TINY:
+        if not (TINY_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"model source {TINY!r}: no model found at {TINY_MODEL_DIR}; "
+                                    "rebuild it with `python scripts/make_tiny_model.py`")
         return _from_directory(TINY_MODEL_DIR, dtype)
     if source == SMOLLM2:
         gguf = smollm2_gguf()
@@ -88,3 +91,22 @@ def _from_directory(path: Path, dtype: torch.dtype
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str, *,
+                      pad_token: str | None = None, chat_template: bool = False) -> None:
+    """Make ``tokenizer`` (of the model from ``source``) ready for batched rollouts: a pad token
+    (``pad_token`` when it has none), left padding, and a chat template when
+    ``chat_template`` asks for one. Raises ``ValueError`` when that cannot be done."""
+    if tokenizer.pad_token is None:
+        if pad_token is None:
+            raise ValueError(
+                f"the tokenizer of {source!r} has no pad token, which batched generation "
+                "needs; set pad_token (for example to the tokenizer's eos token "
+                f"{tokenizer.eos_token!r})")
+        tokenizer.pad_token = pad_token
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat_template=True, but the tokenizer of {source!r} has no chat template; "
+            "set chat_template=False to send the prompts as plain text")
+    tokenizer.padding_side = "left"

@@ -7,21 +7,15 @@ the built-in tasks so that it starts with partial accuracy and leaves room for R
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
 
-or with :func:`load_tiny_model` / :func:`load_tiny_tokenizer`, which never touch the network.
+or as the model source ``"tiny-char-llama"`` (:func:`trustregion.models.loading.load_model`),
+which never touches the network.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import LlamaConfig
 
 from trustregion.models.char_tokenizer import (
     BOS_TOKEN,
@@ -30,13 +24,9 @@ from trustregion.models.char_tokenizer import (
     SPECIAL_TOKENS,
     char_vocab,
 )
+from trustregion.validation import require
 
-__all__ = [
-    "TINY_MODEL_DIR",
-    "load_tiny_model",
-    "load_tiny_tokenizer",
-    "tiny_llama_config",
-]
+__all__ = ["TINY_MODEL_DIR", "tiny_llama_config"]
 
 TINY_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-char-llama"
 """Directory of the shipped model and tokenizer (``save_pretrained`` layout, safetensors)."""
@@ -56,16 +46,12 @@ def tiny_llama_config(
     Token ids of ``<pad>``, ``<bos>`` and ``<eos>`` follow :mod:`trustregion.models.char_tokenizer`;
     input and output embeddings are tied.
     """
-    if vocab_size < len(SPECIAL_TOKENS):
-        raise ValueError(
+    require(vocab_size >= len(SPECIAL_TOKENS),
             f"vocab_size must hold at least the {len(SPECIAL_TOKENS)} special tokens; "
-            f"got {vocab_size}"
-        )
-    if hidden_size % num_attention_heads:
-        raise ValueError(
+            f"got {vocab_size}")
+    require(hidden_size % num_attention_heads == 0,
             f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
-            f"({num_attention_heads})"
-        )
+            f"({num_attention_heads})")
     ids = char_vocab()
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -80,28 +66,3 @@ def tiny_llama_config(
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=ids[EOS_TOKEN],
     )
-
-
-def _require_artefact(path: Path) -> Path:
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model found at {path}; rebuild the tiny model with "
-            f"`python scripts/make_tiny_model.py`"
-        )
-    return path
-
-
-def load_tiny_model(
-    path: str | Path = TINY_MODEL_DIR, *, dtype: torch.dtype = torch.float32
-) -> PreTrainedModel:
-    """Load the shipped tiny model (from local files only) in evaluation mode."""
-    model = AutoModelForCausalLM.from_pretrained(
-        _require_artefact(Path(path)), dtype=dtype, local_files_only=True
-    )
-    model.eval()
-    return model
-
-
-def load_tiny_tokenizer(path: str | Path = TINY_MODEL_DIR) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved next to the tiny model (from local files only)."""
-    return AutoTokenizer.from_pretrained(_require_artefact(Path(path)), local_files_only=True)

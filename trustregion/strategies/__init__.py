@@ -13,6 +13,13 @@ Every built-in registers itself under a short name on import:
 | ``cispo`` | :class:`CISPO` | clipped importance-sampling weight |
 | ``gspo`` | :class:`GSPO` | clipped sequence-level ratio |
 | ``dro`` | :class:`LogRatioQuadratic` | quadratic penalty on log π − log ν |
+
+A built-in is registered by importing its module here (and naming its class in ``__all__``),
+not through an entry point: registration then needs no installed package metadata, happens
+before any strategy is built (so ``registered_name`` is always set), and an import error fails
+loudly instead of turning into a warning. The tests walk the package and fail for any strategy
+class that importing this package leaves unregistered, or that this table or the documentation's
+strategy index leaves out.
 """
 
 from trustregion.strategies.base import (

@@ -19,9 +19,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from trustregion.functional.drift import LOG_RATIO_CLAMP
 from trustregion.functional.masked import masked_max, masked_mean, masked_min
-from trustregion.functional.ratios import LOG_RATIO_CLAMP
 from trustregion.strategies.batch import TokenBatch
+from trustregion.validation import require
 
 __all__ = [
     "METRIC_PREFIX",
@@ -48,12 +49,6 @@ SHARED_METRICS: dict[str, str] = {
     "weight_max": "largest gradient weight",
 }
 """Metric keys (without :data:`METRIC_PREFIX`) that every strategy logs, with their meaning."""
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``condition`` holds (hyperparameter validation)."""
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -126,6 +121,11 @@ class TrustRegionStrategy(abc.ABC):
 
     Hyperparameters are typed ``__init__`` arguments stored under the same attribute names and
     validated there, so the Lightning CLI can build any strategy from ``class_path``/``init_args``.
+
+    Hyperparameter names follow one rule (``trustregion.strategies.widths``, and the glossary
+    page): a symmetric width with one-sided overrides (``epsilon``/``epsilon_low``/
+    ``epsilon_high``, ``delta``/``delta_low``/``delta_high``); None means "inherit", inf means
+    "no bound".
 
     Class attributes a subclass may set:
         widths: hyperparameter name → +1 if a larger value widens the trust region, −1 if a
@@ -226,13 +226,14 @@ class TrustRegionStrategy(abc.ABC):
 
     def scale_width(self, factor: float) -> None:
         """Widen (factor > 1) or narrow (factor < 1) the trust region by scaling its widths:
-        each width that is set becomes ``origin + (value − origin) · factor ** direction``
-        (``origin`` from :attr:`width_origins`, else 0)."""
+        each width that is set and finite becomes ``origin + (value − origin) · factor **
+        direction`` (``origin`` from :attr:`width_origins`, else 0). A width left at None keeps
+        inheriting (and so follows the width it inherits); one at inf (no bound) stays inf."""
         require(factor > 0 and math.isfinite(factor),
                 f"scale_width factor must be a finite positive number; got {factor}")
         for name, direction in self.widths.items():
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and math.isfinite(value):
                 origin = self.width_origins.get(name, 0.0)
                 setattr(self, name, origin + (value - origin) * factor**direction)
 

@@ -16,8 +16,8 @@ from trustregion.strategies.base import (
     StrategyTerms,
     TrustRegionStrategy,
 )
-from trustregion.strategies.ratio_clip import check_epsilons
 from trustregion.strategies.registry import register_strategy
+from trustregion.strategies.widths import check_width, resolve_side
 
 __all__ = ["CISPO"]
 
@@ -36,31 +36,38 @@ class CISPO(TrustRegionStrategy):
     fell (w = (1 − ε_low)/r > 1). ``clipped_frac`` counts every clipped weight.
 
     Args:
-        epsilon_low: lower half-width; None (default) leaves the lower side unbounded.
-        epsilon_high: upper half-width (default 0.28).
+        epsilon: ε, the half-width of each side not set on its own; inf (default): no bound, so
+            by default only the upper side is clipped, as in MiniMax-M1.
+        epsilon_low: ε_low, lower half-width; None (default) inherits ``epsilon``.
+        epsilon_high: ε_high, upper half-width (default 0.28); None inherits ``epsilon``.
         anchor: "behavior" or "old".
 
     Example:
-        >>> strategy = CISPO(epsilon_high=0.28)
+        >>> strategy = CISPO()                    # weights clipped to (−inf, 1.28]
+        >>> two_sided = CISPO(epsilon=0.2)        # [0.8, 1.28]
 
     Reference: MiniMax-M1, arXiv:2506.13585.
     """
 
-    widths: ClassVar[Mapping[str, int]] = {"epsilon_low": 1, "epsilon_high": 1}
+    widths: ClassVar[Mapping[str, int]] = {"epsilon": 1, "epsilon_low": 1, "epsilon_high": 1}
 
-    def __init__(self, epsilon_low: float | None = None, epsilon_high: float = 0.28,
-                 anchor: Anchor = "behavior") -> None:
+    def __init__(self, epsilon: float = math.inf, epsilon_low: float | None = None,
+                 epsilon_high: float | None = 0.28, anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
-        check_epsilons(epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                       optional=("epsilon_low",))
+        check_width("epsilon", epsilon, meaning="the weight-clip half-width around ratio 1")
+        check_width("epsilon_low", epsilon_low, inherits="epsilon",
+                    meaning="lower half-width: weights below 1 − ε_low are raised to it")
+        check_width("epsilon_high", epsilon_high, inherits="epsilon",
+                    meaning="upper half-width: weights above 1 + ε_high are cut to it")
+        self.epsilon = epsilon
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
 
     @property
     def bounds(self) -> tuple[float, float]:
-        """(1 − ε_low, 1 + ε_high); the lower bound is −inf when ε_low is None."""
-        low = -math.inf if self.epsilon_low is None else 1.0 - self.epsilon_low
-        return low, 1.0 + self.epsilon_high
+        """(1 − ε_low, 1 + ε_high), each side inheriting ε unless set; −inf / inf for no bound."""
+        return (1.0 - resolve_side(self.epsilon, self.epsilon_low),
+                1.0 + resolve_side(self.epsilon, self.epsilon_high))
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
         low, high = self.bounds
@@ -75,6 +82,6 @@ class CISPO(TrustRegionStrategy):
         )
 
     def boundary_logp(self, anchor_logp: Tensor, advantages: Tensor) -> Tensor | None:
-        bound = anchor_logp + math.log1p(self.epsilon_high)
+        bound = anchor_logp + math.log1p(resolve_side(self.epsilon, self.epsilon_high))
         nan = torch.full_like(bound, math.nan)
         return torch.where((advantages > 0) & (bound < 0), bound, nan)

@@ -19,6 +19,8 @@ from trustregion.strategies.base import (
     require,
 )
 from trustregion.strategies.registry import register_strategy
+from trustregion.strategies.widths import check_cap, check_width, resolve_side
+from trustregion.validation import integer_at_least
 
 __all__ = ["DivergenceMask"]
 
@@ -45,12 +47,18 @@ class DivergenceMask(TrustRegionStrategy):
     Args:
         divergence: one of ``binary_tv``, ``binary_kl``, ``topk_tv``, ``topk_kl``. Top-K needs
             ``TokenBatch.topk_logp`` and ``topk_behavior_logp``.
-        delta: half-width δ for both directions; default 0.15 for TV, 0.05 for KL.
-        delta_low, delta_high: per-direction overrides of ``delta``.
-        tis_cap: truncation cap C of the importance weight (None: no cap). Default 10.
-        top_k: K, how many of the behaviour policy's most likely tokens the top-K divergences
-            track per position (the sampled token is always added). Default 8.
+        delta: δ, the half-width of each side not set on its own; None (default) inherits the
+            divergence's default, 0.15 for TV and 0.05 for KL.
+        delta_low: δ_low, the half-width for Â < 0 tokens; None (default) inherits ``delta``.
+        delta_high: δ_high, the half-width for Â > 0 tokens; None (default) inherits ``delta``.
+        importance_weight_cap: C > 0, the cap on the importance weight min(r, C) that scales
+            every kept token (truncated importance sampling). Default 10; inf: no cap.
+        divergence_top_k: K, how many of the behaviour policy's most likely tokens the top-K
+            divergences track per position (the sampled token is always added). Default 8.
+            Not the sampler's ``top_k``, which truncates sampling.
         anchor: "behavior" (recommended: "anchoring on the rollout policy is crucial") or "old".
+
+    Every half-width accepts inf (that side never drops a token).
 
     Example:
         >>> strategy = DivergenceMask(divergence="binary_kl")   # δ = 0.05
@@ -67,42 +75,42 @@ class DivergenceMask(TrustRegionStrategy):
         delta: float | None = None,
         delta_low: float | None = None,
         delta_high: float | None = None,
-        tis_cap: float | None = 10.0,
-        top_k: int = 8,
+        importance_weight_cap: float = 10.0,
+        divergence_top_k: int = 8,
         anchor: Anchor = "behavior",
     ) -> None:
         super().__init__(anchor=anchor)
         require(divergence in DIVERGENCES,
                 f"unknown divergence {divergence!r}; allowed: {DIVERGENCES}")
-        delta = DEFAULT_DELTA[divergence] if delta is None else delta
-        for name, value in (("delta", delta), ("delta_low", delta_low),
-                            ("delta_high", delta_high)):
-            require(value is None or value > 0,
-                    f"{name} must be > 0 (the trust-region half-width); got {value}")
-        require(tis_cap is None or (tis_cap > 0 and not math.isnan(tis_cap)),
-                f"tis_cap must be > 0 or None (no truncation); got {tis_cap}")
-        require(isinstance(top_k, int) and top_k >= 1,
-                f"top_k must be an integer ≥ 1 (tokens tracked per position); got {top_k}")
+        meaning = f"the trust-region half-width of the {divergence} divergence"
+        check_width("delta", delta, positive=True, meaning=meaning,
+                    inherits=f"the divergence's default ({DEFAULT_DELTA[divergence]})")
+        check_width("delta_low", delta_low, positive=True, inherits="delta",
+                    meaning=meaning + " for Â < 0 tokens")
+        check_width("delta_high", delta_high, positive=True, inherits="delta",
+                    meaning=meaning + " for Â > 0 tokens")
+        check_cap("importance_weight_cap", importance_weight_cap, minimum=0.0,
+                  off="for no truncation", meaning="C in the importance weight min(r, C)")
+        integer_at_least("divergence_top_k", divergence_top_k, 1,
+                         note="tokens of the behaviour policy's top-K tracked per position")
         require(not (divergence.startswith("topk") and anchor != "behavior"),
                 "top-K divergences are measured against the behaviour policy's top-K "
                 "log-probs; use anchor='behavior'")
         self.divergence = divergence
-        self.delta = delta
+        self.delta = DEFAULT_DELTA[divergence] if delta is None else delta
         self.delta_low = delta_low
         self.delta_high = delta_high
-        self.tis_cap = tis_cap
-        self.top_k = top_k
+        self.importance_weight_cap = importance_weight_cap
+        self.divergence_top_k = divergence_top_k
 
     @property
     def behavior_topk(self) -> int:
-        return self.top_k if self.divergence.startswith("topk") else 0
+        return self.divergence_top_k if self.divergence.startswith("topk") else 0
 
     @property
     def deltas(self) -> tuple[float, float]:
-        """(δ_low, δ_high)."""
-        low = self.delta if self.delta_low is None else self.delta_low
-        high = self.delta if self.delta_high is None else self.delta_high
-        return low, high
+        """(δ_low, δ_high), each inheriting δ unless set."""
+        return resolve_side(self.delta, self.delta_low), resolve_side(self.delta, self.delta_high)
 
     def divergence_of(self, tokens: AnchoredTokens) -> Tensor:
         """D per token (signed π − ν for binary TV), without gradient."""
@@ -119,7 +127,7 @@ class DivergenceMask(TrustRegionStrategy):
                     "token ids plus the sampled id); pass them, or use a binary divergence"
                 )
             fn = topk_tv if self.divergence == "topk_tv" else topk_kl
-            return fn(*batch.topk_slots(self.top_k)).to(tokens.ratio.dtype)
+            return fn(*batch.topk_slots(self.divergence_top_k)).to(tokens.ratio.dtype)
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
         low, high = self.deltas
@@ -131,7 +139,7 @@ class DivergenceMask(TrustRegionStrategy):
             up = tokens.log_ratio > 0
             outside = ((adv > 0) & (div > high) & up) | ((adv < 0) & (div > low) & ~up)
         ratio = tokens.ratio.detach()
-        weight_ratio = ratio if self.tis_cap is None else ratio.clamp(max=self.tis_cap)
+        weight_ratio = ratio.clamp(max=self.importance_weight_cap)  # inf: no truncation
         keep = (~outside).to(ratio.dtype)
         objective = adv * weight_ratio * keep * tokens.logp
         size = div.abs()

@@ -15,9 +15,9 @@ from trustregion.strategies.base import (
     AnchoredTokens,
     StrategyTerms,
     TrustRegionStrategy,
-    require,
 )
 from trustregion.strategies.registry import register_strategy
+from trustregion.strategies.widths import check_width, resolve_side
 
 __all__ = ["DRPO", "DRPOReference"]
 
@@ -43,8 +43,9 @@ class DRPO(TrustRegionStrategy):
     π ≥ ν and δ_low when π < ν (penalty and slope are 0 at π = ν, so w stays continuous).
 
     Args:
-        delta: half-width δ > 0 (default 0.15).
-        delta_low, delta_high: per-direction overrides of ``delta``.
+        delta: δ > 0, the half-width of each side not set on its own (default 0.15).
+        delta_low: δ_low, used when π < ν; None (default) inherits ``delta``.
+        delta_high: δ_high, used when π ≥ ν; None (default) inherits ``delta``.
         anchor: "behavior" (the reference recipe, frozen for all mini-batch updates of a rollout
             batch) or "old".
 
@@ -66,21 +67,21 @@ class DRPO(TrustRegionStrategy):
         anchor: Anchor = "behavior",
     ) -> None:
         super().__init__(anchor=anchor)
-        for name, value in (("delta", delta), ("delta_low", delta_low),
-                            ("delta_high", delta_high)):
-            require(value is None or (value > 0 and not math.isnan(value)),
-                    f"{name} must be > 0 (the trust-region half-width in probability units, "
-                    f"where the gradient weight reaches 0); got {value}")
+        meaning = ("the trust-region half-width in probability units, where the gradient "
+                   "weight reaches 0")
+        check_width("delta", delta, positive=True, meaning=meaning)
+        check_width("delta_low", delta_low, positive=True, inherits="delta",
+                    meaning=meaning + ", used when π < ν")
+        check_width("delta_high", delta_high, positive=True, inherits="delta",
+                    meaning=meaning + ", used when π ≥ ν")
         self.delta = delta
         self.delta_low = delta_low
         self.delta_high = delta_high
 
     @property
     def deltas(self) -> tuple[float, float]:
-        """(δ_low, δ_high)."""
-        low = self.delta if self.delta_low is None else self.delta_low
-        high = self.delta if self.delta_high is None else self.delta_high
-        return low, high
+        """(δ_low, δ_high), each inheriting δ unless set."""
+        return resolve_side(self.delta, self.delta_low), resolve_side(self.delta, self.delta_high)
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
         low, high = self.deltas

@@ -16,8 +16,8 @@ from trustregion.strategies.base import (
     StrategyTerms,
     TrustRegionStrategy,
 )
-from trustregion.strategies.ratio_clip import check_epsilons
 from trustregion.strategies.registry import register_strategy
+from trustregion.strategies.widths import check_width, resolve_side
 
 __all__ = ["GSPO"]
 
@@ -35,24 +35,37 @@ class GSPO(TrustRegionStrategy):
     w_t = s_i / r_t inside the region, 0 when the whole sequence is clipped.
 
     Args:
-        epsilon_low: lower half-width of s (default 3e-4).
-        epsilon_high: upper half-width of s (default 4e-4).
+        epsilon: ε, the half-width of s on each side not set on its own (default 3e-4, the
+            paper's lower value).
+        epsilon_low: ε_low, lower half-width of s; None (default) inherits ``epsilon``.
+        epsilon_high: ε_high, upper half-width of s (default 4e-4); None inherits ``epsilon``.
         anchor: "behavior" or "old".
 
     Example:
-        >>> strategy = GSPO()
+        >>> strategy = GSPO()                     # s clipped to [1 − 3e-4, 1 + 4e-4]
 
     Reference: Zheng et al., "Group Sequence Policy Optimization", arXiv:2507.18071.
     """
 
-    widths: ClassVar[Mapping[str, int]] = {"epsilon_low": 1, "epsilon_high": 1}
+    widths: ClassVar[Mapping[str, int]] = {"epsilon": 1, "epsilon_low": 1, "epsilon_high": 1}
 
-    def __init__(self, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4,
-                 anchor: Anchor = "behavior") -> None:
+    def __init__(self, epsilon: float = 3e-4, epsilon_low: float | None = None,
+                 epsilon_high: float | None = 4e-4, anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
-        check_epsilons(epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+        check_width("epsilon", epsilon, meaning="the clip half-width of the sequence ratio s")
+        check_width("epsilon_low", epsilon_low, inherits="epsilon",
+                    meaning="lower half-width: the region starts at s = 1 − ε_low")
+        check_width("epsilon_high", epsilon_high, inherits="epsilon",
+                    meaning="upper half-width: the region ends at s = 1 + ε_high")
+        self.epsilon = epsilon
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(1 − ε_low, 1 + ε_high) for s, each side inheriting ε unless set."""
+        return (1.0 - resolve_side(self.epsilon, self.epsilon_low),
+                1.0 + resolve_side(self.epsilon, self.epsilon_high))
 
     @staticmethod
     def sequence_ratio(tokens: AnchoredTokens) -> Tensor:
@@ -62,7 +75,7 @@ class GSPO(TrustRegionStrategy):
         return mean_log_ratio.exp()[:, None].expand_as(tokens.ratio)
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
-        low, high = 1.0 - self.epsilon_low, 1.0 + self.epsilon_high
+        low, high = self.bounds
         adv = tokens.advantages
         seq_ratio = self.sequence_ratio(tokens)
         token_seq_ratio = seq_ratio * torch.exp(tokens.logp - tokens.logp.detach())
@@ -82,7 +95,8 @@ class GSPO(TrustRegionStrategy):
 
     def boundary_logp(self, anchor_logp: Tensor, advantages: Tensor) -> Tensor | None:
         """For one-token sequences, where s = r."""
-        edge = torch.where(advantages > 0, torch.full_like(anchor_logp, 1 + self.epsilon_high),
-                           torch.full_like(anchor_logp, 1 - self.epsilon_low))
+        low, high = self.bounds
+        edge = torch.where(advantages > 0, torch.full_like(anchor_logp, high),
+                           torch.full_like(anchor_logp, low))
         bound = anchor_logp + edge.log()
         return torch.where((edge > 0) & (bound < 0), bound, torch.full_like(bound, math.nan))

@@ -18,6 +18,7 @@ from trustregion.strategies.base import (
     require,
 )
 from trustregion.strategies.registry import register_strategy
+from trustregion.strategies.widths import is_number
 
 __all__ = ["LogRatioQuadratic"]
 
@@ -27,45 +28,49 @@ class LogRatioQuadratic(TrustRegionStrategy):
     """Policy gradient with a quadratic penalty on the log-ratio.
 
     .. math::
-        J_t = Â \\log π − \\frac{β}{2} (\\log π − \\log ν)^2
+        J_t = Â \\log π − \\frac{τ}{2} (\\log π − \\log ν)^2
 
-    ∂J/∂log π = Â − β log r, so the gradient weight relative to Â·r is
-    w = (1 − β log r / Â) / r: 0 where β log r = Â and negative (a pull back toward ν) beyond.
-    A token is outside the region when sign(Â) · log r > |Â| / β. For Â = 0 only the pull
-    remains, which the weight cannot express; w is reported as 1/r there. As β → 0 this is plain
+    ∂J/∂log π = Â − τ log r, so the gradient weight relative to Â·r is
+    w = (1 − τ log r / Â) / r: 0 where τ log r = Â and negative (a pull back toward ν) beyond.
+    A token is outside the region when sign(Â) · log r > |Â| / τ. For Â = 0 only the pull
+    remains, which the weight cannot express; w is reported as 1/r there. As τ → 0 this is plain
     on-policy REINFORCE (w = 1/r), not importance sampling.
 
     Args:
-        beta: penalty strength β > 0 (default 1.0); smaller is a wider region.
+        penalty_strength: τ > 0, finite, the strength of the log-ratio penalty (default 1.0);
+            smaller is a wider region. Called ``beta`` in some implementations of this loss;
+            here ``beta`` is only the reference-KL coefficient
+            (:class:`~trustregion.penalties.ReferenceKL`).
         anchor: "behavior" or "old".
 
     Example:
-        >>> strategy = LogRatioQuadratic(beta=0.5)
+        >>> strategy = LogRatioQuadratic(penalty_strength=0.5)
 
-    References: Kimi k1.5, arXiv:2501.12599 (§2.3 policy mirror descent); verl loss mode ``dro``.
+    References: Kimi k1.5, arXiv:2501.12599 (§2.3 policy mirror descent, where τ is the
+    regularisation strength); verl loss mode ``dro``.
     """
 
-    widths: ClassVar[Mapping[str, int]] = {"beta": -1}
+    widths: ClassVar[Mapping[str, int]] = {"penalty_strength": -1}
 
-    def __init__(self, beta: float = 1.0, anchor: Anchor = "behavior") -> None:
+    def __init__(self, penalty_strength: float = 1.0, anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
-        require(beta > 0 and math.isfinite(beta),
-                f"beta must be a finite number > 0 (the strength of the log-ratio penalty); "
-                f"got {beta}")
-        self.beta = beta
+        require(is_number(penalty_strength) and 0 < penalty_strength < math.inf,
+                f"penalty_strength must be a finite number > 0 (τ, the strength of the "
+                f"log-ratio penalty; smaller is a wider region); got {penalty_strength!r}")
+        self.penalty_strength = penalty_strength
 
     def terms(self, tokens: AnchoredTokens) -> StrategyTerms:
         adv, log_ratio = tokens.advantages, tokens.log_ratio
-        penalty = 0.5 * self.beta * log_ratio.square()
+        penalty = 0.5 * self.penalty_strength * log_ratio.square()
         lr = log_ratio.detach()
         ratio = tokens.ratio.detach()
         nonzero = adv != 0
         safe_adv = torch.where(nonzero, adv, torch.ones_like(adv))
-        pull = torch.where(nonzero, self.beta * lr / safe_adv, torch.zeros_like(lr))
+        pull = torch.where(nonzero, self.penalty_strength * lr / safe_adv, torch.zeros_like(lr))
         return StrategyTerms(
             objective=adv * tokens.logp - penalty,
             weight=(1 - pull) / ratio,
-            outside=nonzero & (adv.sign() * lr > adv.abs() / self.beta),
+            outside=nonzero & (adv.sign() * lr > adv.abs() / self.penalty_strength),
             extras={"penalty_mean": masked_mean(penalty.detach(), tokens.mask)},
         )
 
@@ -73,5 +78,5 @@ class LogRatioQuadratic(TrustRegionStrategy):
         return 1 / tokens.ratio.detach()
 
     def boundary_logp(self, anchor_logp: Tensor, advantages: Tensor) -> Tensor | None:
-        bound = anchor_logp + advantages / self.beta
+        bound = anchor_logp + advantages / self.penalty_strength
         return torch.where(bound < 0, bound, torch.full_like(bound, math.nan))

@@ -6,37 +6,16 @@ import abc
 import inspect
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
 from torch import Tensor
 
+from trustregion.tasks.example import Example
 from trustregion.tasks.rewards import RewardFn, exact_match, score
+from trustregion.validation import integer_at_least
 
-__all__ = ["Example", "Task", "require_int"]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One prompt and the answer that earns full reward.
-
-    ``meta`` holds whatever else a reward function may need (operands, test cases, ...); it takes
-    no part in hashing.
-    """
-
-    prompt: str
-    answer: str
-    meta: dict[str, Any] = field(default_factory=dict, hash=False)
-
-
-def require_int(name: str, value: object, minimum: int | None = None) -> int:
-    """Check that hyperparameter ``name`` is an integer (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+__all__ = ["Example", "Task"]
 
 
 def _plain(value: Any) -> Any:
@@ -66,7 +45,7 @@ class Task(abc.ABC):
 
     def examples(self, n: int, seed: int = 0) -> list[Example]:
         """``n`` examples drawn with ``random.Random(seed)``: the same list for the same seed."""
-        require_int("n", n, minimum=0)
+        integer_at_least("n", n, 0)
         rng = random.Random(seed)
         return [self.sample(rng) for _ in range(n)]
 

@@ -29,7 +29,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
-from trustregion.tasks.base import Example, Task, require_int
+from trustregion.tasks.base import Task
+from trustregion.tasks.example import Example
 from trustregion.tasks.jsonl import JsonlTask
 from trustregion.tasks.rewards import (
     RewardFn,
@@ -38,6 +39,7 @@ from trustregion.tasks.rewards import (
     prefix_credit,
     prefix_match,
 )
+from trustregion.validation import boolean, integer_at_least, non_empty_string, one_of, require
 
 __all__ = [
     "PROMPT_STYLES",
@@ -51,28 +53,17 @@ __all__ = [
 
 OPERATIONS: tuple[str, ...] = ("+", "-", "*")
 PromptStyle = Literal["compact", "instruction"]
-PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
+PROMPT_STYLES: tuple[PromptStyle, ...] = get_args(PromptStyle)
 
 
-def _require_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False; got {value!r}")
-    return value
-
-
-def _require_lengths(min_len: object, max_len: object) -> tuple[int, int]:
-    low = require_int("min_len", min_len, minimum=1)
-    high = require_int("max_len", max_len, minimum=1)
-    if high < low:
-        raise ValueError(f"max_len must be >= min_len; got min_len={low}, max_len={high}")
-    return low, high
-
-
-def _require_style(value: object) -> PromptStyle:
-    if value not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {', '.join(map(repr, PROMPT_STYLES))}; "
-                         f"got {value!r}")
-    return value  # type: ignore[return-value]
+def _ordered_pair(low_name: str, low: object, high_name: str, high: object, minimum: int
+                  ) -> tuple[int, int]:
+    """Two integer bounds, each ``≥ minimum``, the second at least the first."""
+    first = integer_at_least(low_name, low, minimum)
+    second = integer_at_least(high_name, high, minimum)
+    require(second >= first, f"{high_name} must be ≥ {low_name}; got {low_name}={first}, "
+                             f"{high_name}={second}")
+    return first, second
 
 
 class _AnswerTask(Task):
@@ -107,8 +98,8 @@ class Arithmetic(_AnswerTask):
     """Integer arithmetic on two operands: ``"12+7="`` → ``"19"``.
 
     Args:
-        min_value: smallest operand (>= 0).
-        max_value: largest operand (>= ``min_value``).
+        min_value: smallest operand (≥ 0).
+        max_value: largest operand (≥ ``min_value``).
         operations: operators to draw from, uniformly; any of ``+``, ``-``, ``*``. Subtraction
             may give negative answers (``"3-5="`` → ``"-2"``).
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
@@ -127,29 +118,19 @@ class Arithmetic(_AnswerTask):
         partial_credit: bool = False,
         prompt_style: PromptStyle = "compact",
     ) -> None:
-        self.min_value = require_int("min_value", min_value, minimum=0)
-        self.max_value = require_int("max_value", max_value, minimum=0)
-        if self.max_value < self.min_value:
-            raise ValueError(
-                f"max_value must be >= min_value; got min_value={self.min_value}, "
-                f"max_value={self.max_value}"
-            )
+        self.min_value, self.max_value = _ordered_pair("min_value", min_value,
+                                                       "max_value", max_value, 0)
         if isinstance(operations, str):
             operations = tuple(operations)
         ops = tuple(operations)
-        if not ops:
-            raise ValueError(f"operations must name at least one of {', '.join(OPERATIONS)}")
+        require(bool(ops), f"operations must name at least one of {', '.join(OPERATIONS)}")
         unknown = [op for op in ops if op not in OPERATIONS]
-        if unknown:
-            raise ValueError(
-                f"unknown operation(s) {', '.join(map(repr, unknown))}; allowed: "
-                f"{', '.join(map(repr, OPERATIONS))}"
-            )
-        if len(set(ops)) != len(ops):
-            raise ValueError(f"operations must not repeat; got {ops!r}")
+        require(not unknown, f"unknown operation(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join(map(repr, OPERATIONS))}")
+        require(len(set(ops)) == len(ops), f"operations must not repeat; got {ops!r}")
         self.operations = ops
-        self.partial_credit = _require_bool("partial_credit", partial_credit)
-        self.prompt_style = _require_style(prompt_style)
+        self.partial_credit = boolean("partial_credit", partial_credit)
+        self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
 
     def sample(self, rng: random.Random) -> Example:
         a = rng.randint(self.min_value, self.max_value)
@@ -165,8 +146,8 @@ class DigitSort(_AnswerTask):
     """Sort a string of digits ascending: ``"sort:312="`` → ``"123"``.
 
     Args:
-        min_len: fewest digits (>= 1).
-        max_len: most digits (>= ``min_len``); digits are drawn independently, so they may
+        min_len: fewest digits (≥ 1).
+        max_len: most digits (≥ ``min_len``); digits are drawn independently, so they may
             repeat.
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
         prompt_style: ``"compact"`` (``sort:312=``) or ``"instruction"`` (``Sort the digits 312
@@ -179,9 +160,9 @@ class DigitSort(_AnswerTask):
 
     def __init__(self, min_len: int = 3, max_len: int = 5, partial_credit: bool = False,
                  prompt_style: PromptStyle = "compact") -> None:
-        self.min_len, self.max_len = _require_lengths(min_len, max_len)
-        self.partial_credit = _require_bool("partial_credit", partial_credit)
-        self.prompt_style = _require_style(prompt_style)
+        self.min_len, self.max_len = _ordered_pair("min_len", min_len, "max_len", max_len, 1)
+        self.partial_credit = boolean("partial_credit", partial_credit)
+        self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
 
     def sample(self, rng: random.Random) -> Example:
         length = rng.randint(self.min_len, self.max_len)
@@ -196,8 +177,8 @@ class Reverse(_AnswerTask):
     """Reverse a string: ``"rev:abc="`` → ``"cba"``.
 
     Args:
-        min_len: shortest string (>= 1).
-        max_len: longest string (>= ``min_len``).
+        min_len: shortest string (≥ 1).
+        max_len: longest string (≥ ``min_len``).
         alphabet: distinct characters to draw from; no whitespace and no ``=``.
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
         prompt_style: ``"compact"`` (``rev:abc=``) or ``"instruction"`` (``Reverse the string
@@ -215,20 +196,15 @@ class Reverse(_AnswerTask):
         partial_credit: bool = False,
         prompt_style: PromptStyle = "compact",
     ) -> None:
-        self.min_len, self.max_len = _require_lengths(min_len, max_len)
-        if not isinstance(alphabet, str) or not alphabet:
-            raise ValueError(f"alphabet must be a non-empty string; got {alphabet!r}")
+        self.min_len, self.max_len = _ordered_pair("min_len", min_len, "max_len", max_len, 1)
+        self.alphabet = non_empty_string("alphabet", alphabet)
         bad = sorted({ch for ch in alphabet if ch.isspace() or ch == "="})
-        if bad:
-            raise ValueError(
-                f"alphabet must not contain whitespace or '='; got {alphabet!r} containing "
-                f"{', '.join(map(repr, bad))}"
-            )
-        if len(set(alphabet)) != len(alphabet):
-            raise ValueError(f"alphabet characters must be distinct; got {alphabet!r}")
-        self.alphabet = alphabet
-        self.partial_credit = _require_bool("partial_credit", partial_credit)
-        self.prompt_style = _require_style(prompt_style)
+        require(not bad, f"alphabet must not contain whitespace or '='; got {alphabet!r} "
+                         f"containing {', '.join(map(repr, bad))}")
+        require(len(set(alphabet)) == len(alphabet),
+                f"alphabet characters must be distinct; got {alphabet!r}")
+        self.partial_credit = boolean("partial_credit", partial_credit)
+        self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
 
     @property
     def answer_pattern(self) -> str:

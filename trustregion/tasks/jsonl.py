@@ -14,16 +14,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-from trustregion.tasks.base import Example, Task
+from trustregion.tasks.base import Task
+from trustregion.tasks.example import Example
 from trustregion.tasks.rewards import RewardFn, exact_match, load_reward_fn
+from trustregion.validation import non_empty_string, require
 
 __all__ = ["JsonlTask", "load_jsonl_examples"]
-
-
-def _require_key_name(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string; got {value!r}")
-    return value
 
 
 def load_jsonl_examples(
@@ -106,10 +102,10 @@ class JsonlTask(Task):
         answer_key: str = "answer",
         reward_fn: str | None = None,
     ) -> None:
-        self.prompt_key = _require_key_name("prompt_key", prompt_key)
-        self.answer_key = _require_key_name("answer_key", answer_key)
-        if self.prompt_key == self.answer_key:
-            raise ValueError(f"prompt_key and answer_key must differ; both are {prompt_key!r}")
+        self.prompt_key = non_empty_string("prompt_key", prompt_key)
+        self.answer_key = non_empty_string("answer_key", answer_key)
+        require(self.prompt_key != self.answer_key,
+                f"prompt_key and answer_key must differ; both are {prompt_key!r}")
         self.path = Path(path).expanduser()
         self.reward_fn = reward_fn
         # Resolve the reward function before reading data, so a typo fails fast.

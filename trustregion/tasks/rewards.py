@@ -22,13 +22,12 @@ import functools
 import importlib
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from trustregion.tasks.base import Example
+from trustregion.tasks.example import Example
 
 __all__ = [
     "END_MARKERS",
@@ -43,7 +42,7 @@ __all__ = [
     "score",
 ]
 
-RewardFn: TypeAlias = Callable[[list[str], list["Example"]], "Sequence[float] | Tensor"]
+RewardFn: TypeAlias = Callable[[list[str], list[Example]], "Sequence[float] | Tensor"]
 """``fn(completions, examples) -> one reward per completion``."""
 
 END_MARKERS: tuple[str, ...] = ("\n", "<eos>")

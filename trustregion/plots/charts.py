@@ -1,34 +1,26 @@
-"""Charts of a run: reward, policy drift and the trust region's gradient weights.
+"""The charts of a run: pure drawing functions over plain data.
 
-Pure functions over plain data, drawn with matplotlib's object API (no pyplot, no global
-backend change), so they are safe to call from a training process:
+Drawn with matplotlib's object API (no pyplot, no global backend change), so they are safe to
+call from a training process. :func:`plot_reward`, :func:`plot_drift_panel` and
+:func:`plot_weight_vs_shift` draw one PNG each and return its path, or None when the data holds
+nothing to draw. Every chart works with whatever subset of metric columns exists: a missing key,
+an empty cell or a series with no finite value only removes the line or panel that needed it.
 
-* :func:`load_metrics` / :func:`find_metrics_csv` read what Lightning's ``CSVLogger`` wrote;
-* :func:`plot_reward`, :func:`plot_drift_panel` and :func:`plot_weight_vs_shift` draw one PNG
-  each and return its path, or None when the data holds nothing to draw;
-* :func:`render_run` draws every chart the data allows into ``<version dir>/plots/``; it is what
-  ``trustregion plot RUN_DIR`` runs.
-
-Every chart works with whatever subset of metric columns exists: a missing key, an empty cell
-or a series with no finite value only removes the line or panel that needed it.
-
-Example::
-
-    from trustregion.plots import render_run
-    render_run("runs/quickstart")  # → [.../csv/version_0/plots/reward.png, ...]
+Each line of the drift panel reads exactly one logged key (:data:`DRIFT_PANELS`), so two runs
+always draw the same statistic: the out-of-region, zero-weight and negative-weight fractions and
+their split by the sign of Â are the strategy's own ``trust_region/*`` metrics, which every run
+logs for every rollout batch; only the split by μ, which no strategy logs, comes from
+``DriftMonitor``'s ``region/*_nu_*`` keys.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib as mpl
 import numpy as np
@@ -37,25 +29,21 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from trustregion.plots.runs import Metrics, Series
+
+if TYPE_CHECKING:
+    from trustregion.strategies import TrustRegionStrategy
+
 __all__ = [
-    "TOKEN_SAMPLE_COLUMNS",
-    "find_metrics_csv",
-    "load_metrics",
-    "load_token_samples",
-    "plot_command",
+    "DRIFT_PANELS",
+    "drift_panel_keys",
     "plot_drift_panel",
     "plot_reward",
     "plot_weight_vs_shift",
-    "render_run",
+    "rolling_mean",
     "strategy_label",
+    "weight_chart_title",
 ]
-
-Series = list[tuple[int, float]]
-Metrics = Mapping[str, Series]
-
-TOKEN_SAMPLE_COLUMNS = ("step", "delta", "weight", "adv_sign", "mu")
-"""Columns of ``token_samples.csv``: RL iteration, Δ = π − μ, gradient weight w, sign of Â
-(−1, 0 or 1) and μ, the behaviour probability of the sampled token."""
 
 DPI = 120
 STEP_LABEL = "RL iteration (logged step)"
@@ -72,74 +60,22 @@ STYLE: dict[str, Any] = {
 }
 
 
-# ------------------------------------------------------------------------------------ data
-def load_metrics(path: str | Path) -> dict[str, Series]:
-    """Read a Lightning ``metrics.csv`` into ``{key: [(step, value), ...]}``.
-
-    Rows without a ``step`` and empty (or non-numeric) cells are skipped; values are kept as
-    written (NaN too), in file order. ``step`` and ``epoch`` are not metrics and are left out.
-    """
-    path = Path(path)
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{path} has no 'step' column; is it a Lightning metrics.csv?")
-        metrics: dict[str, Series] = {
-            key: [] for key in reader.fieldnames if key not in ("step", "epoch")}
-        for row in reader:
-            step_text = (row.get("step") or "").strip()
-            if not step_text:
-                continue
-            step = int(float(step_text))
-            for key in metrics:
-                try:
-                    metrics[key].append((step, float((row.get(key) or "").strip())))
-                except ValueError:  # an empty (or non-numeric) cell
-                    continue
-    return {key: series for key, series in metrics.items() if series}
-
-
-def _version_number(path: Path) -> int:
-    match = re.fullmatch(r"version_(\d+)", path.parent.name)
-    return int(match.group(1)) if match else -1
-
-
-def find_metrics_csv(run_dir: str | Path) -> Path:
-    """The ``metrics.csv`` of a run: ``run_dir`` itself if it is the file, else
-    ``run_dir/metrics.csv`` (a version directory), else the one of the latest
-    ``version_<N>`` found below ``run_dir`` (e.g. ``runs/quickstart/csv/version_3``).
-
-    Raises ``FileNotFoundError`` when the path does not exist or holds no metrics.csv.
-    """
-    path = Path(run_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"no such run directory: {path}")
-    if path.is_file():
-        return path
-    if (path / "metrics.csv").is_file():
-        return path / "metrics.csv"
-    found = [p for p in path.rglob("metrics.csv") if p.is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"no metrics.csv under {path}; a run logs one with lightning's CSVLogger, e.g. "
-            f"{path}/csv/version_0/metrics.csv")
-    return max(found, key=lambda p: (_version_number(p), p.stat().st_mtime_ns))
-
-
-def load_token_samples(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a ``token_samples.csv`` written by :class:`~trustregion.callbacks.DriftPlots`."""
-    with Path(path).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = rows[0].keys() if rows else TOKEN_SAMPLE_COLUMNS
-    return {key: np.array([float(row[key]) for row in rows], dtype=np.float64)
-            for key in columns}
-
-
+# ---------------------------------------------------------------------------------- titles
 def strategy_label(name: str, hparams: Mapping[str, Any]) -> str:
-    """``DRPO(delta=0.15, anchor=behavior)``: the settings that are not None."""
+    """``DRPO(delta=0.15, anchor=behavior)``: the settings that are not None (inherited) and
+    not inf (no bound)."""
     settings = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                         for key, value in hparams.items() if value is not None)
+                         for key, value in hparams.items()
+                         if value is not None and value != math.inf)
     return f"{name}({settings})"
+
+
+def weight_chart_title(strategy: TrustRegionStrategy | None) -> str:
+    """Title of the weight chart naming ``strategy`` and its settings ("" without one)."""
+    if strategy is None:
+        return ""
+    label = strategy_label(type(strategy).__name__, strategy.hparams())
+    return f"{label}: gradient weight against probability shift"
 
 
 # ---------------------------------------------------------------------------- drawing aids
@@ -257,7 +193,7 @@ def plot_reward(metrics: Metrics, path: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------- drift.png
 @dataclass(frozen=True)
 class _Line:
-    keys: tuple[str, ...]  # the first key that has data is drawn
+    key: str  # the one logged key this line draws
     label: str
     color: str
 
@@ -273,64 +209,61 @@ class _Panel:
     log: bool = False  # log scale when positive and spanning > 2 decades
 
 
-def _region(name: str) -> tuple[str, str]:
-    return f"region/{name}", f"trust_region/{name}"
-
-
-_B = "drift/behavior/"
-DRIFT_PANELS = (
+_B = "drift/behavior/"  # DriftMonitor, π vs μ, over its logging window
+_TR = "trust_region/"   # the strategy's own metrics, every rollout batch of every run
+_NU = "region/outside_frac_nu_"  # DriftMonitor's split of the outside fraction by μ
+DRIFT_PANELS: tuple[_Panel, ...] = (
     _Panel("KL estimates: policy π vs behaviour μ", "nats / token", (
-        _Line((_B + "kl_k1",), "k1", COLORS["blue"]),
-        _Line((_B + "kl_k3",), "k3", COLORS["orange"]))),
+        _Line(_B + "kl_k1", "k1", COLORS["blue"]),
+        _Line(_B + "kl_k3", "k3", COLORS["orange"]))),
     _Panel("Total variation per token", "TV", (
-        _Line((_B + "tv_mean",), "mean", COLORS["blue"]),
-        _Line((_B + "tv_p99",), "p99", COLORS["orange"]),
-        _Line((_B + "tv_max",), "max", COLORS["red"])), log=True),
-    _Panel("χ² divergence", "χ²", (_Line((_B + "chi2",), "χ²", COLORS["purple"]),), log=True),
+        _Line(_B + "tv_mean", "mean", COLORS["blue"]),
+        _Line(_B + "tv_p99", "p99", COLORS["orange"]),
+        _Line(_B + "tv_max", "max", COLORS["red"])), log=True),
+    _Panel("χ² divergence", "χ²", (_Line(_B + "chi2", "χ²", COLORS["purple"]),), log=True),
     _Panel("Effective sample size of π / μ", "of tokens", (
-        _Line((_B + "ess",), "ESS", COLORS["green"]),), unit=True),
+        _Line(_B + "ess", "ESS", COLORS["green"]),), unit=True),
     _Panel("Importance ratio π / μ", "ratio", (
-        _Line((_B + "ratio_min",), "min", COLORS["green"]),
-        _Line((_B + "ratio_mean",), "mean", COLORS["blue"]),
-        _Line((_B + "ratio_max",), "max", COLORS["red"])), reference=1.0, log=True),
+        _Line(_B + "ratio_min", "min", COLORS["green"]),
+        _Line(_B + "ratio_mean", "mean", COLORS["blue"]),
+        _Line(_B + "ratio_max", "max", COLORS["red"])), reference=1.0, log=True),
     _Panel("Log-perplexity gap", "log PPL(π) − log PPL(μ)", (
-        _Line((_B + "log_ppl_diff",), "gap", COLORS["brown"]),), reference=0.0),
+        _Line(_B + "log_ppl_diff", "gap", COLORS["brown"]),), reference=0.0),
     _Panel("Trust region: tokens affected", "of tokens", (
-        _Line(_region("outside_frac"), "outside the region", COLORS["red"]),
-        _Line(_region("zero_weight_frac"), "zero weight", COLORS["grey"]),
-        _Line(_region("negative_weight_frac"), "negative weight", COLORS["purple"])),
+        _Line(_TR + "outside_frac", "outside the region", COLORS["red"]),
+        _Line(_TR + "zero_weight_frac", "zero weight", COLORS["grey"]),
+        _Line(_TR + "negative_weight_frac", "negative weight", COLORS["purple"])),
         fraction=True),
     _Panel("Outside the region, by sign of Â", "of tokens", (
-        _Line(_region("outside_frac_pos_adv"), "Â > 0", POS_COLOR),
-        _Line(_region("outside_frac_neg_adv"), "Â < 0", NEG_COLOR)), fraction=True),
+        _Line(_TR + "outside_frac_pos_adv", "Â > 0", POS_COLOR),
+        _Line(_TR + "outside_frac_neg_adv", "Â < 0", NEG_COLOR)), fraction=True),
     _Panel("Outside the region, by μ", "of tokens", (
-        _Line(("region/outside_frac_nu_0_0.01",), "μ < 0.01", COLORS["purple"]),
-        _Line(("region/outside_frac_nu_0.01_0.1",), "0.01 ≤ μ < 0.1", COLORS["red"]),
-        _Line(("region/outside_frac_nu_0.1_0.5",), "0.1 ≤ μ < 0.5", COLORS["orange"]),
-        _Line(("region/outside_frac_nu_0.5_1",), "μ ≥ 0.5", COLORS["green"])), fraction=True),
+        _Line(_NU + "0_0.01", "μ < 0.01", COLORS["purple"]),
+        _Line(_NU + "0.01_0.1", "0.01 ≤ μ < 0.1", COLORS["red"]),
+        _Line(_NU + "0.1_0.5", "0.1 ≤ μ < 0.5", COLORS["orange"]),
+        _Line(_NU + "0.5_1", "μ ≥ 0.5", COLORS["green"])), fraction=True),
     _Panel("Gradient weight w", "w", (
-        _Line(("trust_region/weight_min",), "min", COLORS["green"]),
-        _Line(("trust_region/weight_mean",), "mean", COLORS["blue"]),
-        _Line(("trust_region/weight_max",), "max", COLORS["red"])), reference=1.0),
+        _Line(_TR + "weight_min", "min", COLORS["green"]),
+        _Line(_TR + "weight_mean", "mean", COLORS["blue"]),
+        _Line(_TR + "weight_max", "max", COLORS["red"])), reference=1.0),
     _Panel("Policy entropy", "nats", (
-        _Line(("drift/entropy", "penalty/entropy"), "entropy", COLORS["teal"]),)),
+        _Line("drift/entropy", "entropy", COLORS["teal"]),
+        _Line("penalty/entropy", "entropy bonus term", COLORS["purple"]))),
     _Panel("Drift from the reference policy", "nats / token", (
-        _Line(("drift/ref/kl_k1",), "k1", COLORS["blue"]),
-        _Line(("drift/ref/kl_k3",), "k3", COLORS["orange"]),
-        _Line(("penalty/ref_kl",), "KL penalty term", COLORS["purple"]))),
+        _Line("drift/ref/kl_k1", "k1", COLORS["blue"]),
+        _Line("drift/ref/kl_k3", "k3", COLORS["orange"]),
+        _Line("penalty/ref_kl", "KL penalty term", COLORS["purple"]))),
     _Panel("Gradient norm (before clipping)", "‖g‖", (
-        _Line(("train/grad_norm",), "grad norm", COLORS["brown"]),)),
+        _Line("train/grad_norm", "grad norm", COLORS["brown"]),)),
     _Panel("Response length", "tokens", (
-        _Line(("response/length_mean",), "mean", COLORS["grey"]),)),
+        _Line("response/length_mean", "mean", COLORS["grey"]),)),
 )
+"""The panels of ``drift.png``, in order; each line draws exactly one logged key."""
 
 
-def _line_data(metrics: Metrics, line: _Line) -> tuple[np.ndarray, np.ndarray]:
-    for key in line.keys:
-        steps, values = _finite(metrics.get(key))
-        if len(values):
-            return steps, values
-    return np.empty(0), np.empty(0)
+def drift_panel_keys() -> list[str]:
+    """Every key :func:`plot_drift_panel` reads, one per line, in panel order."""
+    return [line.key for panel in DRIFT_PANELS for line in panel.lines]
 
 
 def _clip_outliers(ax: Axes, values: np.ndarray) -> None:
@@ -389,13 +322,15 @@ def _draw_panel(ax: Axes, panel: _Panel, data: list[tuple[_Line, np.ndarray, np.
 
 
 def plot_drift_panel(metrics: Metrics, path: str | Path, columns: int = 3) -> Path | None:
-    """A grid of small charts over time: KL, TV, χ², ESS, importance ratios, entropy, the
-    trust region's out-of-region / zero-weight / negative-weight fractions (``region/*`` from
-    the drift monitor, else the strategy's ``trust_region/*``), weights, gradient norm and
-    response length. Panels without data are left out; returns None when none has any."""
+    """A grid of small charts over time (:data:`DRIFT_PANELS`): KL, TV, χ², ESS, importance
+    ratios, log-perplexity gap, the trust region's out-of-region / zero-weight /
+    negative-weight fractions (the strategy's ``trust_region/*``) and the outside fraction by μ
+    (``DriftMonitor``'s ``region/*_nu_*``), weights, entropy, drift from the reference, gradient
+    norm and response length. Lines and panels without data are left out; returns None when
+    no panel has any."""
     panels = []
     for panel in DRIFT_PANELS:
-        data = [(line, *_line_data(metrics, line)) for line in panel.lines]
+        data = [(line, *_finite(metrics.get(line.key))) for line in panel.lines]
         data = [item for item in data if len(item[2])]
         if data:
             panels.append((panel, data))
@@ -512,93 +447,3 @@ def plot_weight_vs_shift(samples: Mapping[str, Sequence[float] | np.ndarray],
         fig.suptitle(f"{heading}\n", fontsize=12, fontweight="bold")
         fig.text(0.5, 0.905, " · ".join(notes), ha="center", fontsize=8, color=COLORS["grey"])
         return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------ a whole run
-def _strategy_from_files(version_dir: Path) -> tuple[str, dict[str, Any]] | None:
-    """(class name, settings) of the run's strategy, from the ``config.yaml`` the CLI saves or
-    the ``hparams.yaml`` a logger saves (``trust_region`` as a registered name, ``{name: ...}``
-    or ``{class_path: ..., init_args: ...}``, see :mod:`trustregion.specs`); None when neither
-    says."""
-    import yaml
-
-    for name in ("config.yaml", "hparams.yaml"):
-        try:
-            data = yaml.safe_load((version_dir / name).read_text())
-            spec = data.get("model", data)["trust_region"]
-        except Exception:
-            continue
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        if not isinstance(spec, dict):
-            continue
-        spec = dict(spec)
-        if "class_path" in spec:
-            return str(spec["class_path"]).rpartition(".")[2], dict(spec.get("init_args") or {})
-        if "name" in spec:
-            label = str(spec.pop("name"))
-            try:
-                from trustregion.strategies import strategy_class
-
-                label = strategy_class(label).__name__
-            except Exception:
-                pass
-            return label, spec
-    return None
-
-
-def _strategy_title(version_dir: Path) -> str:
-    """Title of the weight chart, naming the run's strategy when its files say which."""
-    strategy = _strategy_from_files(version_dir)
-    if strategy is None:
-        return ""
-    return f"{strategy_label(*strategy)}: gradient weight against probability shift"
-
-
-def render_run(run_dir: str | Path) -> list[Path]:
-    """Draw every chart the run's data allows into ``<version dir>/plots/``: ``reward.png`` and
-    ``drift.png`` from its ``metrics.csv`` (see :func:`find_metrics_csv`) and
-    ``weight_vs_shift.png`` from ``plots/token_samples.csv`` when DriftPlots wrote one.
-    Returns the paths written (possibly none, when no column holds data)."""
-    run_dir = Path(run_dir)
-    try:
-        csv_path: Path | None = find_metrics_csv(run_dir)
-    except FileNotFoundError:
-        if not (run_dir / "plots" / "token_samples.csv").is_file():
-            raise
-        csv_path = None  # a run without a CSV logger: token samples only
-    version_dir = csv_path.parent if csv_path is not None else run_dir
-    out = version_dir / "plots"
-    written: list[Path | None] = []
-    if csv_path is not None:
-        metrics = load_metrics(csv_path)
-        written += [plot_reward(metrics, out / "reward.png"),
-                    plot_drift_panel(metrics, out / "drift.png")]
-    samples = out / "token_samples.csv"
-    if samples.is_file():
-        written.append(plot_weight_vs_shift(load_token_samples(samples),
-                                            out / "weight_vs_shift.png",
-                                            title=_strategy_title(version_dir)))
-    return [path for path in written if path is not None]
-
-
-def plot_command(args: Sequence[str]) -> None:
-    """``trustregion plot RUN_DIR``: render a run's charts and print their paths."""
-    parser = argparse.ArgumentParser(
-        prog="trustregion plot",
-        description="Draw a run's charts (reward.png, drift.png and, when the DriftPlots "
-                    "callback saved token samples, weight_vs_shift.png) into the plots/ folder "
-                    "beside its metrics.csv.",
-        epilog="RUN_DIR is a run directory (e.g. runs/quickstart: its latest "
-               "csv/version_N is used), a version directory or a metrics.csv file.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
-                        help="run directory, version directory or metrics.csv")
-    options = parser.parse_args(list(args))
-    try:
-        paths = render_run(options.run_dir)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    if not paths:
-        parser.exit(1, f"trustregion plot: nothing to draw in {options.run_dir}\n")
-    for path in paths:
-        print(path)
