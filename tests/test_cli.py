@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,6 +125,17 @@ class WiderDRPO(DRPO):
     """An unregistered strategy: the CLI and checkpoints name it by class path."""
 
 
+def _fit_with_checkpoint(path: Path, root: Path) -> tuple[Path, dict[str, Any]]:
+    """Train the config at ``path`` with checkpointing under ``root``; return the checkpoint
+    and the hyperparameters stored in it."""
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(enable_checkpointing=True, default_root_dir=str(root))
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (checkpoint,) = (root / "checkpoints").glob("*.ckpt")
+    return checkpoint, torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+
+
 @pytest.mark.parametrize(("trust_region", "stored"), [
     ({"name": "dppo", "divergence": "binary_kl", "delta": 0.1},
      {"name": "dppo", "divergence": "binary_kl", "delta": 0.1, "delta_low": None,
@@ -139,12 +151,7 @@ def test_fit_resumes_from_a_checkpoint_through_the_cli(tmp_path, random_model_di
     # so the strategy and the task must be stored in a form the config parser reads back.
     path = _config(tmp_path, random_model_dir, trust_region=trust_region,
                    task={"name": "digit_sort", "min_len": 4})
-    config = yaml.safe_load(path.read_text())
-    config["trainer"].update(enable_checkpointing=True, default_root_dir=str(tmp_path))
-    path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path)])
-    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    checkpoint, hparams = _fit_with_checkpoint(path, tmp_path)
     assert hparams["trust_region"] == stored
     assert hparams["task"] == {"name": "digit_sort", "min_len": 4, "max_len": 5,
                                "partial_credit": False, "prompt_style": "compact"}
@@ -289,12 +296,7 @@ def test_penalties_from_yaml_build_the_reference_and_log_their_keys(tmp_path,
 def test_resume_through_the_cli_rebuilds_optimizer_scheduler_and_penalties(
         tmp_path, random_model_dir) -> None:
     path = _config(tmp_path, random_model_dir, penalties=PENALTIES, **SGD_STEP_LR)
-    config = yaml.safe_load(path.read_text())
-    config["trainer"].update(enable_checkpointing=True, default_root_dir=str(tmp_path))
-    path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path)])
-    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
-    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    checkpoint, hparams = _fit_with_checkpoint(path, tmp_path)
     # every part in a form the config parser reads back
     assert hparams["optimizer"]["class_path"] == "torch.optim.SGD"
     assert hparams["optimizer"]["init_args"]["momentum"] == 0.9
