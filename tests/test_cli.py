@@ -132,7 +132,7 @@ def _fit_with_checkpoint(path: Path, root: Path) -> tuple[Path, dict[str, Any]]:
     config["trainer"].update(enable_checkpointing=True, default_root_dir=str(root))
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
-    (checkpoint,) = (root / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = (root / "checkpoints").glob("rollout=*.ckpt")  # beside it: last.ckpt
     return checkpoint, torch.load(checkpoint, weights_only=True)["hyper_parameters"]
 
 
@@ -154,7 +154,8 @@ def test_fit_resumes_from_a_checkpoint_through_the_cli(tmp_path, random_model_di
     checkpoint, hparams = _fit_with_checkpoint(path, tmp_path)
     assert hparams["trust_region"] == stored
     assert hparams["task"] == {"name": "digit_sort", "min_len": 4, "max_len": 5,
-                               "partial_credit": False, "prompt_style": "compact"}
+                               "partial_credit": False, "prompt_style": "compact",
+                               "validation_fraction": 0.125}
 
     cli = TrustRegionCLI(args=["fit", "--config", str(path), "--trainer.max_steps=2",
                                f"--ckpt_path={checkpoint}"])

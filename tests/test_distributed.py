@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import DigitRichArithmetic
-from lightning.pytorch.loggers import Logger
+from row_logger import RowLogger
 
 from trustregion.batching import BatchSettings
 from trustregion.callbacks import CollapseGuard, DriftMonitor, TrustRegionController
@@ -34,33 +34,6 @@ SETTINGS: dict[str, Any] = {
     "sampling": SamplingSettings(max_new_tokens=4),
     "penalties": [ReferenceKL(beta=0.1), EntropyBonus(coef=0.01)],
 }
-
-
-class _RowLogger(Logger):
-    """Saves every row it is given, per rank."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__()
-        self.directory = directory
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def finalize(self, status: str) -> None:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        torch.save(self.rows, self.directory / f"rows{rank}.pt")
 
 
 class _SaveRollout(L.Callback):
@@ -121,7 +94,7 @@ class _Replay(TrustRegionModule):
 
 
 def _trainer(directory: Path, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(max_steps=1, log_every_n_steps=1, logger=_RowLogger(directory),
+    return L.Trainer(max_steps=1, log_every_n_steps=1, logger=RowLogger(directory),
                      enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, callbacks=_callbacks(directory), **kwargs)
 

@@ -267,3 +267,31 @@ def test_the_parts_examples_build_a_module(block: str, tmp_path, monkeypatch) ->
                             run=False).model
     for key, value in given.items():
         assert _contains(module.hparams[key], value), (key, module.hparams[key])
+
+
+# ------------------------------------------------------------- runnable Python in the README
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
+
+
+def _run_python_blocks(path: Path) -> dict[str, Any]:
+    """Execute the ```python blocks of ``path`` in order, in one namespace (as a reader would
+    paste them one after the other); returns the namespace."""
+    blocks = PYTHON_BLOCK.findall(_page(path))
+    assert blocks, f"{path.name} has no ```python block"
+    namespace: dict[str, Any] = {"__name__": f"{path.stem}_example"}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"{path.name} python block {index + 1}", "exec"), namespace)
+    return namespace
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # whatever an example writes stays out of the repository
+    namespace = _run_python_blocks(ROOT / "README.md")
+    out, logp = namespace["out"], namespace["logp"]
+    # 5 tokens count (the second response's last is padding). One is beyond δ = 0.15 on its
+    # harmful side: the first response's second token, π − μ = 0.45 − 0.2 = 0.25 with Â = 1.
+    assert out.token_loss.shape == (2, 3)
+    assert out.token_loss[1, 2].item() == 0.0
+    assert out.metrics["trust_region/outside_frac"].item() == pytest.approx(1 / 5)
+    assert out.metrics["trust_region/outside_frac_pos_adv"].item() == pytest.approx(1 / 3)
+    assert logp.grad is not None and logp.grad[1, 2].item() == 0.0  # no gradient to padding

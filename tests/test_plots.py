@@ -5,6 +5,7 @@ import io
 import math
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -13,9 +14,10 @@ import torch
 from conftest import DigitRichArithmetic
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
+from matplotlib.text import Text
 
 from trustregion.batching import BatchSettings
-from trustregion.callbacks import DriftMonitor, DriftPlots
+from trustregion.callbacks import DriftMonitor, DriftPlots, TrustRegionController
 from trustregion.cli import main
 from trustregion.interface import StepOutput
 from trustregion.module import TrustRegionModule
@@ -23,20 +25,30 @@ from trustregion.optim import AdamW
 from trustregion.plots import (
     DRIFT_PANELS,
     TOKEN_SAMPLE_COLUMNS,
+    drift_figure,
     drift_panel_keys,
     find_metrics_csv,
+    join_versions,
     load_metrics,
+    load_run_metrics,
     load_run_strategy,
     load_token_samples,
+    logged_widths,
+    monitors_figure,
     plot_drift_panel,
+    plot_monitors,
     plot_reward,
     plot_weight_vs_shift,
     render_run,
+    reward_figure,
+    run_metrics_csvs,
     strategy_label,
+    version_history,
     weight_chart_title,
+    weight_vs_shift_figure,
 )
 from trustregion.rollout import SamplingSettings
-from trustregion.strategies import DRPO, METRIC_PREFIX, SHARED_METRICS
+from trustregion.strategies import DRPO, METRIC_PREFIX, SHARED_METRICS, DivergenceMask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -394,3 +406,243 @@ def test_drift_plots_without_a_logger(random_model_dir, tmp_path) -> None:
     assert plots.iterations == 1 and [step for step, _ in plots.history] == [0]
     state = plots.state_dict()
     assert state["iterations"] == 1 and len(state["sample"]["delta"]) == 7
+
+
+# ----------------------------------------------------------------- a run across versions
+def _write_version(root: Path, version: int, rows: dict[int, dict[str, float]]) -> Path:
+    """``root/csv/version_<N>/metrics.csv`` with the given ``{step: {key: value}}`` rows."""
+    directory = root / "csv" / f"version_{version}"
+    directory.mkdir(parents=True)
+    keys = sorted({key for row in rows.values() for key in row})
+    with open(directory / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", *keys])
+        for step, row in rows.items():
+            writer.writerow([0, step, *(row.get(key, "") for key in keys)])
+    return directory
+
+
+def test_join_versions_lets_each_version_supersede_from_its_first_step() -> None:
+    first = {"a": [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)], "b": [(3, 7.0)]}
+    resumed = {"a": [(2, 5.0), (3, 5.0), (4, 5.0)]}  # resumed from the step-2 checkpoint
+    empty: dict[str, list[tuple[int, float]]] = {}  # crashed before logging anything
+    # steps 0-1 from the first version; 2-4 from the resumed one; b's step 3 was abandoned
+    assert join_versions([first, resumed, empty]) == {
+        "a": [(0, 1.0), (1, 1.0), (2, 5.0), (3, 5.0), (4, 5.0)]}
+    # a resume from the last checkpoint continues after the last step: nothing is dropped
+    later = {"a": [(4, 2.0), (5, 2.0)]}
+    assert join_versions([first, later])["a"] == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0),
+                                                  (4, 2.0), (5, 2.0)]
+    # a fresh run in the same directory starts at step 0 and replaces everything
+    assert join_versions([first, resumed, {"a": [(0, 9.0)]}]) == {"a": [(0, 9.0)]}
+
+
+def test_a_resumed_run_is_read_and_drawn_whole(tmp_path, monkeypatch) -> None:
+    _write_version(tmp_path, 0, {s: {"reward/mean": 0.1} for s in range(8)})
+    _write_version(tmp_path, 1, {s: {"reward/mean": 0.5} for s in range(6, 10)})
+    latest = _write_version(tmp_path, 2, {s: {"reward/mean": 0.9} for s in range(10, 12)})
+    _write_version(tmp_path / "other", 0, {0: {"reward/mean": 0.0}})  # another run
+    csvs = [tmp_path / "csv" / f"version_{n}" / "metrics.csv" for n in range(3)]
+    assert run_metrics_csvs(tmp_path) == csvs
+    assert version_history(csvs[1]) == csvs[:2]
+    assert run_metrics_csvs(latest) == [csvs[2]]  # a version directory: that version only
+    # version_0 up to step 5, version_1 from its first step 6 (it superseded 6-7), version_2
+    expected = [(s, 0.1) for s in range(6)] + [(s, 0.5) for s in range(6, 10)] \
+        + [(10, 0.9), (11, 0.9)]
+    assert load_run_metrics(tmp_path)["reward/mean"] == expected
+
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr("trustregion.plots.render.plot_reward",
+                        lambda metrics, path: drawn.setdefault("reward", metrics) and path)
+    paths = render_run(tmp_path)
+    assert drawn["reward"]["reward/mean"] == expected  # type: ignore[index]
+    assert paths[0] == latest / "plots" / "reward.png"
+
+
+def test_drift_plots_draws_the_whole_run_after_a_resume(tmp_path) -> None:
+    _write_version(tmp_path, 0, {0: {"reward/mean": 0.25}, 1: {"reward/mean": 0.5}})
+    logger = CSVLogger(tmp_path, name="csv", version=1)  # the resumed run's logger
+    logger.log_metrics({"reward/mean": 0.75}, step=2)
+
+    trainer = SimpleNamespace(loggers=[logger])  # DriftPlots.metrics reads only the loggers
+    metrics = DriftPlots().metrics(trainer)  # type: ignore[arg-type]
+    assert metrics["reward/mean"] == [(0, 0.25), (1, 0.5), (2, 0.75)]
+
+
+# --------------------------------------------------------------------------- honest charts
+def _axis(fig, title: str):
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+    return ax
+
+
+def _lines(ax, label: str):
+    return [line for line in ax.lines if line.get_label() == label]
+
+
+def test_the_weight_chart_title_fits_the_figure() -> None:
+    strategy = DivergenceMask(divergence="binary_tv", delta=0.15)
+    title = weight_chart_title(strategy)
+    assert len(title) > 110  # wider than the figure in one line at 12 pt bold
+    rng = np.random.default_rng(0)
+    fig = weight_vs_shift_figure({"delta": rng.normal(0, 0.05, 50), "weight": np.ones(50),
+                                  "adv_sign": rng.choice([-1.0, 1.0], 50)}, title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (drawn,) = [text for text in fig.findobj(Text)
+                if text.get_text().startswith("DivergenceMask(")]
+    assert drawn.get_text().replace("\n", " ") == title  # wrapped at spaces, nothing lost
+    assert drawn.get_text().count("\n") >= 1
+    box, frame = drawn.get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 \
+        and box.y1 <= frame.y1
+
+
+def test_coinciding_lines_stay_visible() -> None:
+    # DRPO: every token outside the region has a negative weight, so the two lines coincide
+    same = [(0, 0.01), (1, 0.02), (2, 0.0)]
+    fig = drift_figure({"trust_region/outside_frac": same,
+                        "trust_region/negative_weight_frac": same,
+                        "trust_region/zero_weight_frac": [(0, 0.0), (1, 0.0), (2, 0.0)]})
+    ax = _axis(fig, "Trust region: tokens affected")
+    (outside,) = _lines(ax, "outside the region")
+    (negative,) = _lines(ax, "negative weight")
+    assert list(outside.get_ydata()) == list(negative.get_ydata()) == [0.01, 0.02, 0.0]
+    assert outside.get_linestyle() != negative.get_linestyle()
+    # the later line is drawn narrower on top of the earlier one, which shows around it
+    assert outside.get_linewidth() > negative.get_linewidth()
+    assert outside.get_zorder() <= negative.get_zorder()
+    assert ax.lines.index(outside) < ax.lines.index(negative)
+
+
+def _band(fig) -> dict[float, list[float]]:
+    """``{step: [y, ...]}`` of the vertices of the reward chart's ±1 std band."""
+    ax = _axis(fig, "Reward")
+    (band,) = [c for c in ax.collections if c.get_label().startswith("± 1 std")]
+    found: dict[float, list[float]] = {}
+    for x, y in band.get_paths()[0].vertices:
+        found.setdefault(float(x), []).append(round(float(y), 12))
+    return found
+
+
+REWARDS_01 = {"reward/mean": [(0, 0.2), (1, 0.5), (2, 0.9)],
+              "reward/std": [(0, 0.4), (1, 0.5), (2, 0.3)]}
+
+
+def test_the_reward_band_stays_within_the_rewards_range() -> None:
+    # 0/1 rewards (every mean in [0, 1]): mean ± std, 3 points so no smoothing, clipped:
+    # step 0: 0.2 ∓ 0.4 → [0, 0.6]; step 1: 0.5 ∓ 0.5 → [0, 1]; step 2: 0.9 ∓ 0.3 → [0.6, 1]
+    fig = reward_figure(REWARDS_01)
+    band = _band(fig)
+    assert {x: sorted(set(ys)) for x, ys in band.items()} == {
+        0.0: [0.0, 0.6], 1.0: [0.0, 1.0], 2.0: [0.6, 1.0]}
+    label = [c.get_label() for c in _axis(fig, "Reward").collections]
+    assert label == ["± 1 std of the rewards, within [0, 1]"]
+    # a range given: step 0 reaches 0.2 − 0.4 = −0.2 within [−1, 1]; step 2: 0.9 + 0.3 → 1
+    band = _band(reward_figure(REWARDS_01, reward_range=(-1.0, 1.0)))
+    assert sorted(set(band[0.0])) == [-0.2, 0.6] and sorted(set(band[2.0])) == [0.6, 1.0]
+    # means outside [0, 1]: no range is assumed, the band is mean ± std (2 ∓ 3 → [−1, 5])
+    band = _band(reward_figure({"reward/mean": [(0, 2.0), (1, 2.0)],
+                                "reward/std": [(0, 3.0), (1, 3.0)]}))
+    assert sorted(set(band[0.0])) == [-1.0, 5.0]
+    with pytest.raises(ValueError, match=r"reward_range must be \(low, high\) with finite "
+                                         r"low < high; got \(1.0, 0.0\)"):
+        reward_figure(REWARDS_01, reward_range=(1.0, 0.0))
+    with pytest.raises(ValueError, match=r"reward_range must be \(low, high\)"):
+        reward_figure(REWARDS_01, reward_range=(0.0, 1.0, 2.0))  # type: ignore[arg-type]
+
+
+def test_chi2_is_never_drawn_below_zero() -> None:
+    # E[r²] − 1 over sampled tokens is negative when the tokens' mean ratio is below 1
+    fig = drift_figure({"drift/behavior/chi2": [(0, 0.004), (1, -0.002), (2, 0.001)]})
+    ax = _axis(fig, "χ² divergence")
+    (line,) = ax.lines
+    assert list(line.get_ydata()) == [0.004, 0.0, 0.001]
+    assert ax.get_ylim()[0] == 0.0
+    notes = [text.get_text() for text in ax.texts]
+    assert "1 of 3 estimates below 0 (lowest -0.002) drawn at 0" in notes
+
+
+MONITORED = {
+    "trust_region/outside_frac": [(0, 0.02), (1, 0.01), (2, 0.03)],
+    "shadow/ratio_clip/outside_frac": [(0, 0.05), (1, 0.04), (2, 0.06)],
+    "shadow/ratio_clip/weight_corr": [(0, 0.5), (1, 0.6), (2, 0.7)],
+    "shadow/spo/outside_frac": [(0, 0.0), (1, 0.0), (2, 0.01)],
+    "guard/fired": [(0, 0.0), (1, 1.0), (2, 0.0)],
+    "guard/kl": [(0, 0.01), (1, 0.4), (2, 0.02)],
+    "controller/scale": [(0, 0.9), (1, 0.81), (2, 0.729)],
+    "controller/observed": [(0, 0.0), (1, 0.0), (2, 0.0)],
+    "controller/delta": [(0, 0.135), (1, 0.1215), (2, 0.10935)],
+}
+
+
+def test_the_monitors_chart_draws_shadow_guard_and_controller_keys(tmp_path) -> None:
+    fig = monitors_figure(MONITORED)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["Shadow strategies: tokens outside each region",
+                      "Weight correlation, shadow vs active", "Collapse guard: mismatch KL (k3)",
+                      "Width controller: observed value", "Width controller: trust-region widths",
+                      "Width controller: cumulative scale"]
+    outside = _axis(fig, "Shadow strategies: tokens outside each region")
+    assert [line.get_label() for line in outside.lines if not line.get_label().startswith("_")
+            ] == ["active strategy", "ratio_clip", "spo"]
+    (fired,) = _lines(_axis(fig, "Collapse guard: mismatch KL (k3)"), "guard fired")
+    assert list(fired.get_xdata()) == [1.0, 1.0]  # a vertical line at step 1
+    widths = _axis(fig, "Width controller: trust-region widths")
+    (delta,) = widths.lines
+    assert list(delta.get_ydata()) == [0.135, 0.1215, 0.10935]
+    assert widths.get_ylabel() == "delta"  # a single line, named on its axis
+    assert _axis(fig, "Weight correlation, shadow vs active").get_ylim() == (-1.05, 1.05)
+    # a run without monitors has no monitors chart
+    assert plot_monitors({"trust_region/outside_frac": [(0, 0.1)]}, tmp_path / "m.png") is None
+    _check_png(plot_monitors(MONITORED, tmp_path / "m.png"))
+
+
+def test_render_run_draws_monitors_and_titles_with_the_controlled_width(tmp_path,
+                                                                        monkeypatch) -> None:
+    version = _write_version(tmp_path, 0, {s: {k: v for k, series in MONITORED.items()
+                                               for t, v in series if t == s} for s in range(3)})
+    (version / "hparams.yaml").write_text("trust_region: {name: drpo, delta: 0.15}\n")
+    write_plots = version / "plots"
+    write_plots.mkdir()
+    (write_plots / "token_samples.csv").write_text(
+        "step,delta,weight,adv_sign,mu\n0,0.1,0.5,1,0.2\n1,-0.1,0.5,-1,0.3\n")
+    titles: list[str] = []
+    monkeypatch.setattr("trustregion.plots.render.plot_weight_vs_shift",
+                        lambda samples, path, title: titles.append(title) or path)
+    paths = render_run(tmp_path)
+    # no reward/mean logged: no reward chart
+    assert [p.name for p in paths] == ["drift.png", "monitors.png", "weight_vs_shift.png"]
+    # the last logged controller/delta, not the configured 0.15
+    assert titles == ["DRPO(delta=0.1094, anchor=behavior): gradient weight against "
+                      "probability shift\nwidths set by the width controller: delta 0.15 at "
+                      "the start → 0.1094 at the end"]
+
+
+def test_the_weight_chart_title_names_the_current_widths() -> None:
+    strategy = DRPO(delta=0.15)
+    metrics = {"controller/delta": [(0, 0.16), (1, 0.18)], "controller/scale": [(1, 1.2)]}
+    assert logged_widths(strategy, metrics) == {"delta": 0.18}
+    assert logged_widths(strategy, {}) == {}
+    assert weight_chart_title(strategy, {"delta": 0.18}) == (
+        "DRPO(delta=0.18, anchor=behavior): gradient weight against probability shift\n"
+        "widths set by the width controller: delta 0.15 at the start → 0.18 at the end")
+    # a width logged in float32 that did not move: no second line
+    assert weight_chart_title(strategy, {"delta": float(np.float32(0.15))}) \
+        == weight_chart_title(strategy)
+    with pytest.raises(ValueError, match=r"widths \['epsilon'\] are not hyperparameters of "
+                                         r"DRPO"):
+        weight_chart_title(strategy, {"epsilon": 0.2})
+
+
+def test_drift_plots_titles_with_the_width_the_controller_set(random_model_dir,
+                                                              tmp_path) -> None:
+    plots = DriftPlots()
+    controller = TrustRegionController("outside_frac", target_value=0.5, gain=1.0)
+    module = _fit(random_model_dir, 2, [controller, plots], logger=False,
+                  default_root_dir=tmp_path)
+    delta = module.strategy.delta
+    assert delta != DRPO().delta  # the controller moved it
+    assert plots.title(module.trainer) == (
+        f"DRPO(delta={float(f'{delta:.4g}'):g}, anchor=behavior): gradient weight against "
+        f"probability shift\nwidths set by the width controller: delta 0.15 at the start → "
+        f"{float(f'{delta:.4g}'):g} at the end")

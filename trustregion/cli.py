@@ -1,7 +1,11 @@
 """The ``trustregion`` command.
 
 * ``trustregion fit --config FILE.yaml`` — train (Lightning CLI: ``--print_config`` shows every
-  resolved setting, including the strategy's hyperparameters).
+  resolved setting, including the strategy's hyperparameters). With ``--ckpt_path CKPT`` it
+  resumes: settings that define the run must match the checkpoint, the others take their new
+  value and are listed (:mod:`trustregion.resume`).
+* ``trustregion validate --config FILE.yaml --ckpt_path CKPT`` — evaluate a checkpoint's policy
+  on the task's held-out prompts (:mod:`trustregion.evaluation`) and print the values.
 * ``trustregion strategies`` — the registered strategies with their settings and defaults.
 * ``trustregion plot RUN_DIR`` — draw a finished run's charts from its logs
   (:mod:`trustregion.plots`).
@@ -23,12 +27,55 @@ from typing import Any
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningCLI
 
+from trustregion.callbacks.checkpoint import (
+    RolloutCheckpoint,
+    fit_trainer_arguments,
+    interruption_of,
+)
+from trustregion.callbacks.collapse_guard import TrainingCollapsed
+from trustregion.callbacks.progress import drop_disabled_progress_bars
+from trustregion.checkpointing import CorruptCheckpointError
+from trustregion.known_noise import quiet_known_noise
 from trustregion.module import TrustRegionModule
+from trustregion.resume import RecordedConfig, Resume, ResumeRefused, check_resume, print_report
 from trustregion.specs import strategy_from_spec, task_from_spec, to_spec
 from trustregion.strategies import DRPO, TrustRegionStrategy, available_strategies, strategy_class
 from trustregion.tasks import Arithmetic, Task
 
 __all__ = ["TrustRegionCLI", "main", "plot_command"]
+
+SUBCOMMANDS = ("fit", "validate")
+"""The Lightning subcommands ``trustregion`` offers; ``strategies`` and ``plot`` are its own."""
+HELP_EPILOG = (
+    "other commands: 'trustregion strategies' lists the registered trust-region strategies "
+    "with their settings; 'trustregion plot RUN_DIR' draws a run's charts from its logs "
+    "(trustregion plot --help). 'trustregion validate --config FILE --ckpt_path CKPT' "
+    "evaluates a checkpoint on the task's held-out prompts (needs model.evaluation).")
+REMOVED = {
+    "test": "trustregion has no test stage: evaluate held-out prompts with 'trustregion "
+            "validate --config FILE --ckpt_path CKPT' (see model.evaluation)",
+    "predict": "trustregion has no predict stage: evaluate held-out prompts with "
+               "'trustregion validate --config FILE --ckpt_path CKPT'",
+}
+
+MODEL_PARTS = {"optimizer": "torch.optim.SGD", "lr_scheduler": "torch.optim.lr_scheduler.StepLR"}
+"""Parts that are settings of the model, not of the command, with an example class for each."""
+
+
+def refuse_top_level_parts(parser: Any, args: Sequence[str]) -> None:
+    """Refuse ``--optimizer`` and ``--lr_scheduler`` on the command line with the model setting
+    to use instead. (Lightning's CLI would take them and replace the module's own optimiser and
+    schedule, dropping ``model.optimizer`` and ``model.lr_scheduler`` without a word.)"""
+    for arg in args:
+        for part, example in MODEL_PARTS.items():
+            if arg == f"--{part}" or arg.startswith((f"--{part}=", f"--{part}.")):
+                short = example.rpartition(".")[2]
+                parser.error(
+                    f"{arg.split('=')[0]} is not a setting of trustregion: the {part} belongs to "
+                    f"the model. Use --model.{part}={short} (a torch class name, or a full "
+                    f"class path such as {example}) and set its arguments with "
+                    f"--model.{part}.init_args.NAME=VALUE; in a config file, under model: "
+                    f"{part}: {{class_path: {example}, init_args: {{...}}}}")
 
 
 _STRATEGY_BASE: type = TrustRegionStrategy  # abstract: registered for parsing, never built
@@ -42,12 +89,67 @@ class TrustRegionCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs["parser_kwargs"] = {"description": "RL post-training of language models with a "
+                                                  "pluggable trust region.",
+                                   "epilog": HELP_EPILOG, **(kwargs.get("parser_kwargs") or {})}
+        kwargs.setdefault("save_config_callback", RecordedConfig)
+        # model.optimizer and model.lr_scheduler configure the optimiser (refuse_top_level_parts)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # Lightning's summary table has a FLOPs column that reads 0 without an example input;
+        # RolloutProgressBar prints the parameter counts instead.
+        kwargs["trainer_defaults"] = {"enable_model_summary": False,
+                                      **(kwargs.get("trainer_defaults") or {})}
+        quiet_known_noise()
+        self.resume: Resume | None = None
         super().__init__(TrustRegionModule, args=list(args) if args is not None else None,
                          **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``; Lightning's ``test`` and ``predict`` have no meaning here."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items()
+                if name in SUBCOMMANDS}
+
+    def after_validate(self) -> None:
+        """Print the evaluation's values (``trustregion validate``)."""
+        if self.trainer.is_global_zero:
+            values = {key: float(value) for key, value in self.trainer.callback_metrics.items()
+                      if key.startswith("val/")}
+            print("\n".join(f"{key:<24}{value:.6g}" for key, value in sorted(values.items())))
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then, with ``--ckpt_path``, refuse settings that define the run and differ
+        from the checkpoint's (:mod:`trustregion.resume`)."""
+        if args is None or isinstance(args, Sequence):
+            refuse_top_level_parts(parser, sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+        self.resume = check_resume(parser, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning's CLI parses the checkpoint's hyperparameters over the given model
+        # settings; the given ones (checked equal where they define the run) win.
+        if self.resume is not None:
+            changed = self.resume.restore(self.parser, self.config)
+            if self.resume.subcommand == "fit":
+                print_report(self.resume.report(changed))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for class_path in drop_disabled_progress_bars(config["trainer"]):
+            print(f"trustregion: trainer.enable_progress_bar is false, so the callback "
+                  f"{class_path} is left out", file=sys.stderr)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # Show the module's actual defaults rather than null in --print_config.
         parser.set_defaults({"model.trust_region": DRPO(), "model.task": Arithmetic()})
+        # The `checkpoint:` section; instantiate_trainer adds the callback to the trainer.
+        parser.add_class_arguments(RolloutCheckpoint, "checkpoint", fail_untyped=False,
+                                   sub_configs=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with checksummed checkpoint I/O and :class:`RolloutCheckpoint`
+        (:func:`~trustregion.callbacks.checkpoint.fit_trainer_arguments`)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        added = fit_trainer_arguments(config.get("trainer") or {}, config["checkpoint"])
+        return super().instantiate_trainer(**{**added, **kwargs})
 
 
 def describe_strategies() -> str:
@@ -74,8 +176,9 @@ def plot_command(args: Sequence[str]) -> None:
         description="Draw a run's charts (reward.png, drift.png and, when the DriftPlots "
                     "callback saved token samples, weight_vs_shift.png) into the plots/ folder "
                     "beside its metrics.csv.",
-        epilog="RUN_DIR is a run directory (e.g. runs/quickstart: its latest "
-               "csv/version_N is used), a version directory or a metrics.csv file.")
+        epilog="RUN_DIR is a run directory (e.g. runs/quickstart: every csv/version_N of a "
+               "resumed run is joined, and the charts go to the latest one's plots/), a version "
+               "directory or a metrics.csv file (that version alone).")
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
                         help="run directory, version directory or metrics.csv")
     options = parser.parse_args(list(args))
@@ -100,7 +203,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["plot"]:
         plot_command(args[1:])
         return
-    TrustRegionCLI(args=None if argv is None else args)
+    if args[:1] and args[0] in REMOVED:
+        print(f"trustregion: {REMOVED[args[0]]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        cli = TrustRegionCLI(args=None if argv is None else args)
+    except TrainingCollapsed as collapsed:  # the guard gave up: its message, not a traceback
+        print(f"trustregion: {collapsed}", file=sys.stderr)
+        sys.exit(collapsed.exit_code)
+    except (CorruptCheckpointError, ResumeRefused) as refused:  # a bad --ckpt_path: say why
+        print(f"trustregion: {refused}", file=sys.stderr)
+        sys.exit(2)
+    interruption = interruption_of(cli.trainer)
+    if interruption is not None:  # stopped by SIGINT / SIGTERM after saving a checkpoint
+        print(interruption.message(args[1:] if args[:1] == ["fit"] else args), file=sys.stderr)
+        sys.exit(interruption.exit_code)
 
 
 if __name__ == "__main__":

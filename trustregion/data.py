@@ -2,7 +2,9 @@
 
 Batch ``i`` is always ``task.examples(batch_size, seed=derive_seed(seed, i))``, so a run resumed
 from a checkpoint (which records the next batch index) sees exactly the prompts an uninterrupted
-run would have seen, whatever the data loader prefetched.
+run would have seen, whatever the data loader prefetched. Batches hold only the task's training
+split: a prompt the task holds out for evaluation (:meth:`Task.validation_examples`) is never
+trained on.
 """
 
 from __future__ import annotations

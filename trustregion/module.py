@@ -26,8 +26,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -35,12 +34,24 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from trustregion.advantages import AdvantageEstimator, compute_advantages
 from trustregion.batching import BatchSettings
 from trustregion.data import PromptBatch, PromptStream, derive_seed
+from trustregion.evaluation import (
+    EvaluationSettings,
+    EvaluationTotals,
+    ValidationBatch,
+    ValidationBatches,
+    batch_seed,
+    check_schedule,
+    evaluate_examples,
+    rank_share,
+    validation_batches,
+)
 from trustregion.functional.aggregation import (
     AggregationMode,
     StepCounts,
@@ -54,6 +65,14 @@ from trustregion.metric_reduction import MetricAccumulator, Reduce, reduce_acros
 from trustregion.models.loading import TINY, load_model, prepare_tokenizer
 from trustregion.optim import AdamW, LinearWarmup
 from trustregion.penalties import Penalty
+from trustregion.prompt_checks import check_prompt_text, unknown_tokens
+from trustregion.resume import (
+    ResumeRefused,
+    apply_changed_settings,
+    refusal,
+    run_defining_differences,
+    run_seed,
+)
 from trustregion.rollout import (
     Rollout,
     RolloutStats,
@@ -61,9 +80,11 @@ from trustregion.rollout import (
     completion_logits,
     generate_rollout,
     prompt_lengths,
+    seeded,
 )
 from trustregion.specs import to_spec
 from trustregion.step_log import StepLog
+from trustregion.stopping import unbounded_run_warning
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
 from trustregion.validation import integer_at_least, number_in
@@ -123,6 +144,9 @@ class TrustRegionModule(L.LightningModule):
         sampling: how the behaviour model samples (temperature, top-p, top-k,
             ``max_new_tokens``).
         batching: group size, prompts per step, PPO epochs, mini- and micro-batch sizes.
+        evaluation: held-out evaluation of the policy (:mod:`trustregion.evaluation`), run
+            every ``trainer.val_check_interval`` rollout batches and by ``trustregion
+            validate``; None: no evaluation.
         advantage_estimator: ``grpo``, ``dr_grpo`` or ``rloo``.
         aggregation: loss aggregation mode; ``seq-mean-token-sum-norm`` uses
             ``sampling.max_new_tokens`` as its fixed horizon.
@@ -138,7 +162,9 @@ class TrustRegionModule(L.LightningModule):
             every rollout).
         chat_template: wrap prompts in the tokenizer's chat template.
         pad_token: set this token as the tokenizer's pad token when it has none.
-        seed: seeds prompts, sampling and mini-batch shuffling, step by step.
+        seed: seeds prompts, sampling and mini-batch shuffling, step by step; None follows
+            ``seed_everything`` (0 when nothing was seeded). The resolved seed is what
+            ``hparams`` and checkpoints hold.
     """
 
     def __init__(
@@ -149,6 +175,7 @@ class TrustRegionModule(L.LightningModule):
         reference: str | None = None,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen)
         batching: BatchSettings = BatchSettings(),  # noqa: B008 (frozen)
+        evaluation: EvaluationSettings | None = None,
         advantage_estimator: AdvantageEstimator = "grpo",
         aggregation: AggregationMode = "token-mean",
         penalties: list[Penalty] | None = None,
@@ -158,7 +185,7 @@ class TrustRegionModule(L.LightningModule):
         sync_every: int = 1,
         chat_template: bool = False,
         pad_token: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -171,6 +198,13 @@ class TrustRegionModule(L.LightningModule):
                                   ("batching", batching, BatchSettings)):
             if not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}; got {type(value).__name__}")
+        if evaluation is not None and not isinstance(evaluation, EvaluationSettings):
+            raise ValueError(f"evaluation must be an EvaluationSettings or None; got "
+                             f"{type(evaluation).__name__}")
+        self.evaluation = evaluation
+        # Drawn now, so that a task without a held-out split fails before anything loads.
+        self.validation_examples = (self.task.validation_examples(evaluation.prompts)
+                                    if evaluation is not None else [])
         integer_at_least("sync_every", sync_every, 1)
         check_aggregation(aggregation, sampling.max_new_tokens)
         compute_advantages(advantage_estimator, torch.zeros(batching.group_size),
@@ -202,12 +236,15 @@ class TrustRegionModule(L.LightningModule):
         self._check_optimizer()
         self.max_grad_norm = max_grad_norm
         self.chat_template = chat_template
-        self.seed = seed
+        self.seed = run_seed(seed)
         self._save_config_form()
         self.steps_since_sync = 0
         self.next_prompt_batch = 0
         self._record_topk = 0
         self._step_log = StepLog()
+        self._unknown_tokens_reported = False
+        self._resumed_hparams: dict[str, Any] | None = None
+        self._evaluation_totals: EvaluationTotals | None = None
 
     def _check_optimizer(self) -> None:
         """Build the optimiser and scheduler once on the policy's parameters, so a bad setting
@@ -231,7 +268,7 @@ class TrustRegionModule(L.LightningModule):
         """Hyperparameters in their config form, so ``hparams.yaml`` shows every setting and
         ``trustregion fit --ckpt_path`` rebuilds the run as configured."""
         self.save_hyperparameters(ignore=["trust_region", "task", "sampling", "batching",
-                                          "penalties"])
+                                          "evaluation", "penalties"])
         given = dict(self.hparams)
         self.save_hyperparameters({
             **given,
@@ -239,10 +276,12 @@ class TrustRegionModule(L.LightningModule):
             "task": to_spec(self.task),
             "sampling": asdict(self.sampling),
             "batching": asdict(self.batching),
+            "evaluation": self.evaluation.config() if self.evaluation is not None else None,
             "penalties": [_penalty_spec(p) for p in self.penalties] or None,
             "optimizer": _callable_spec(given.get("optimizer", self.optimizer_factory)),
             "lr_scheduler": _callable_spec(given.get("lr_scheduler",
                                                      self.lr_scheduler_factory)),
+            "seed": self.seed,
         })
 
     # ------------------------------------------------------------ interface for callbacks
@@ -331,13 +370,34 @@ class TrustRegionModule(L.LightningModule):
     # ---------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         self.batching.check_world_size(self.trainer.world_size)
+        if stage == "fit":
+            check_schedule(self.evaluation,
+                           val_check_interval=self.trainer.val_check_interval,
+                           check_val_every_n_epoch=self.trainer.check_val_every_n_epoch,
+                           limit_val_batches=self.trainer.limit_val_batches)
+        if stage == "validate" and self.evaluation is None:
+            raise ValueError("validating needs evaluation settings: set model.evaluation "
+                             "(for example {prompts: 64}); see docs/evaluation.md")
+
+    def on_train_start(self) -> None:
+        # Lightning restores the optimiser and scheduler before this hook, with the settings
+        # they were saved with: an optimiser or scheduler setting configured differently since
+        # takes effect here.
+        if self._resumed_hparams is not None:
+            apply_changed_settings(self._resumed_hparams, self.hparams, self._optimizers(),
+                                   self._schedulers())
+            self._resumed_hparams = None
 
     def on_fit_start(self) -> None:
         # A dataset's prompts are all checked before the first rollout, so a long one drawn late
         # cannot end a run hours in; generated tasks are checked batch by batch.
         examples = self.task.all_examples()
         if examples:
-            self._check_prompt_lengths([ex.prompt for ex in examples])
+            self._check_prompts([ex.prompt for ex in examples],
+                                source=f"the examples of task {self.task.name!r}")
+        endless = unbounded_run_warning(self.trainer, self.optimizer_steps_per_rollout)
+        if endless is not None:
+            rank_zero_warn(endless)
 
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
@@ -361,6 +421,43 @@ class TrustRegionModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.step_log.finish(self)
 
+    # ----------------------------------------------------------------------- evaluation
+    def val_dataloader(self) -> ValidationBatches:
+        """The held-out prompts in batches of ``evaluation.batch_size``; every process gets
+        every batch and scores its share (none without evaluation settings)."""
+        if self.evaluation is None:
+            # Empty on purpose; Lightning would warn that it is empty right after this returns.
+            warnings.filterwarnings("ignore", message=r"Total length of `ValidationBatches` "
+                                                      r"across ranks is zero")
+            return ValidationBatches([])
+        self._check_prompts([ex.prompt for ex in self.validation_examples],
+                            source=f"the held-out examples of task {self.task.name!r}")
+        return validation_batches(self.validation_examples, self.evaluation.batch_size)
+
+    def on_validation_epoch_start(self) -> None:
+        assert self.evaluation is not None
+        self._evaluation_totals = EvaluationTotals(self.evaluation)
+
+    def validation_step(self, batch: ValidationBatch, batch_idx: int) -> None:
+        """Score the policy on this process's share of ``batch``."""
+        assert self.evaluation is not None and self._evaluation_totals is not None
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        evaluate_examples(
+            self.policy, self.tokenizer, self.task, rank_share(batch.examples, rank, world),
+            self.evaluation, self._evaluation_totals,
+            max_new_tokens=self.evaluation.max_new_tokens or self.sampling.max_new_tokens,
+            seed=batch_seed(self.seed, batch.index, rank), chat_template=self.chat_template)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the evaluation's values, over every process, at the index of the last trained
+        rollout batch (0 before any); the sanity check before training logs nothing."""
+        assert self._evaluation_totals is not None
+        metrics = self._evaluation_totals.metrics(self._reduce(), self.device)
+        self._evaluation_totals = None
+        if self.trainer.sanity_checking:
+            return
+        self.step_log.write(self.trainer, metrics, step=max(self.next_prompt_batch - 1, 0))
+
     def local_examples(self, batch: PromptBatch) -> list[Any]:
         """This process's share of a prompt batch: a contiguous slice of whole prompts."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -373,11 +470,12 @@ class TrustRegionModule(L.LightningModule):
         """Sample this process's share of ``batch`` and score it."""
         examples = self.local_examples(batch)
         if self.task.all_examples() is None:  # a dataset was checked whole in on_fit_start
-            self._check_prompt_lengths([ex.prompt for ex in examples])
+            self._check_prompts([ex.prompt for ex in examples],
+                                source=f"prompt batch {batch.index}")
         seed = derive_seed(self.seed, 2 * batch.index)
         if self.trainer.world_size > 1:
             seed = derive_seed(seed, self.trainer.global_rank + 1)
-        with self._seeded(seed):
+        with seeded(seed, self.device):
             rollout = self.sample(examples)
         return self.score(rollout)
 
@@ -574,12 +672,17 @@ class TrustRegionModule(L.LightningModule):
         self.steps_since_sync = 0
 
     # -------------------------------------------------------------------------- helpers
-    @contextmanager
-    def _seeded(self, seed: int) -> Iterator[None]:
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
+    def _check_prompts(self, prompts: list[str], *, source: str) -> None:
+        """Refuse empty prompts and prompts too long for the context; warn, once per run, of
+        prompts holding text the tokenizer encodes as its unknown token
+        (:mod:`trustregion.prompt_checks`). ``source`` names the prompts in messages."""
+        check_prompt_text(prompts, source=source)
+        if not self._unknown_tokens_reported:
+            unknown = unknown_tokens(self.tokenizer, prompts)
+            if unknown is not None:
+                rank_zero_warn(unknown.message(source, str(self.tokenizer.unk_token)))
+                self._unknown_tokens_reported = True
+        self._check_prompt_lengths(prompts)
 
     def _check_prompt_lengths(self, prompts: list[str]) -> None:
         """Refuse prompts that leave no room for ``max_new_tokens`` in the policy's context,
@@ -617,6 +720,11 @@ class TrustRegionModule(L.LightningModule):
         if state["strategy_class"] != expected:
             raise ValueError(f"the checkpoint was trained with {state['strategy_class']}, but "
                              f"this module holds {expected}; configure the same strategy")
+        recorded = checkpoint.get("hyper_parameters") or {}
+        refused = run_defining_differences(recorded, self.hparams)
+        if refused:
+            raise ResumeRefused(refusal("the checkpoint", refused))
+        self._resumed_hparams = dict(recorded)
         self.trust_region.load_state_dict(state["strategy_state"])
         self.steps_since_sync = state["steps_since_sync"]
         self.next_prompt_batch = state["next_prompt_batch"]

@@ -10,8 +10,10 @@ with a real inference engine. The policy side always uses the same temperature a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,9 +28,13 @@ __all__ = [
     "RolloutStats",
     "SamplingSettings",
     "completion_logits",
+    "completion_mask_from",
     "encode_prompts",
+    "eos_token_ids",
+    "generate_in_eval_mode",
     "generate_rollout",
     "prompt_lengths",
+    "seeded",
 ]
 
 
@@ -154,12 +160,37 @@ def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *
     return lengths
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw random numbers from ``torch.manual_seed(seed)`` inside, leaving the global
+    generators (the CPU's, and ``device``'s when it is a GPU) as they were outside."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids that end a completion: the model's generation config's, else the
+    tokenizer's end-of-sequence token."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     ids = eos if isinstance(eos, list) else [eos]
     return [int(i) for i in ids if i is not None]
+
+
+def generate_in_eval_mode(model: PreTrainedModel, ids: Tensor, mask: Tensor,
+                          config: GenerationConfig) -> Any:
+    """``model.generate`` from prompt ``ids`` and ``mask`` with ``config``, in eval mode (no
+    dropout); the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model.generate(  # type: ignore[operator]
+            input_ids=ids, attention_mask=mask.long(), generation_config=config)
+    finally:
+        model.train(was_training)
 
 
 def completion_mask_from(ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
@@ -193,7 +224,7 @@ def generate_rollout(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat_template=chat_template)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=True,
         temperature=sampling.temperature,
@@ -205,13 +236,7 @@ def generate_rollout(
         return_dict_in_generate=True,
         output_scores=True,
     )
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(  # type: ignore[operator]
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config)
-    finally:
-        model.train(was_training)
+    out = generate_in_eval_mode(model, prompt_ids, prompt_mask, config)
     completion_ids = out.sequences[:, prompt_ids.shape[1]:]
     mask = completion_mask_from(completion_ids, eos_ids)
     behavior_logp = torch.stack(

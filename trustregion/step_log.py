@@ -164,6 +164,23 @@ class StepLog:
             logger.save()
         self._row = {}
 
+    def write(self, trainer: L.Trainer, values: Mapping[str, Tensor | float], step: int
+              ) -> None:
+        """Write global scalar ``values`` at once, as a row of their own at logger step
+        ``step`` (an evaluation's values, outside any rollout batch's row), and put them in
+        ``trainer.callback_metrics``. Like Lightning's own validation logging, this does not
+        depend on ``log_every_n_steps``."""
+        if not values:
+            return
+        scalars = {key: _scalar(value) for key, value in values.items()}
+        trainer.callback_metrics.update(
+            {k: v if isinstance(v, Tensor) else torch.tensor(v) for k, v in scalars.items()})
+        row = _to_floats(scalars)
+        row["epoch"] = float(trainer.current_epoch)
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=int(step))
+            logger.save()
+
     def _require_trainer(self) -> L.Trainer:
         if self._trainer is None:
             raise RuntimeError("StepLog.start(trainer, step) must open a row before values are "

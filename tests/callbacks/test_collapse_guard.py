@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import csv
 import math
+import re
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -9,12 +11,16 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import DigitRichArithmetic
 from lightning.pytorch.callbacks import ModelCheckpoint
+from stub_module import HandBuiltUpdates
 
 from trustregion.batching import BatchSettings
 from trustregion.callbacks import CollapseGuard
+from trustregion.callbacks.collapse_guard import CHECKPOINT_KEY, TrainingCollapsed
 from trustregion.callbacks.collapse_signals import collapse_signals
+from trustregion.cli import main
 from trustregion.interface import UpdateRecord
 from trustregion.module import TrustRegionModule
 from trustregion.optim import AdamW
@@ -198,6 +204,17 @@ def test_kl_spike_compares_with_the_running_mean_after_warmup() -> None:
         ({"ema_decay": 1.0}, "ema_decay must be"),
         ({"snapshot_every": 0}, "snapshot_every must be an integer ≥ 1"),
         ({"warmup_steps": -1}, "warmup_steps must be an integer ≥ 0"),
+        ({"min_reward_fraction": 1.0}, r"min_reward_fraction must be a finite number in "
+                                       r"\(0.0, 1.0\)"),
+        ({"max_consecutive_triggers": 0}, "max_consecutive_triggers must be an integer ≥ 1"),
+        ({"action": "warn", "lr_factor": 0.5},
+         "lr_factor applies to action 'escalate' or 'lower_lr' only; got lr_factor=0.5 with "
+         "action='warn'"),
+        ({"action": "skip", "min_lr": 1e-6}, "min_lr applies to action 'escalate' or"),
+        ({"action": "lower_lr", "max_consecutive_triggers": 2},
+         "max_consecutive_triggers applies to action 'escalate' only"),
+        ({"snapshot_every": 5}, "snapshot_every applies to action 'rollback' only; got "
+                                "snapshot_every=5 with action='escalate'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
@@ -341,3 +358,229 @@ def test_warn_on_a_kl_spike_over_the_running_mean(random_model_dir) -> None:
     assert guard.kl_ema_count == 3
     assert [r["fired"] for r in record.after] == [0.0, 0.0, 0.0, 1.0]
     assert not _equal(record.after[3]["policy"], record.before[3]["policy"])  # warn only
+    assert guard.firing and not guard.restored_weights  # a save now holds what it fired on
+
+
+# ------------------------------------------------------------------------------- escalation
+HEALTHY, COLLAPSED = 1.0, 0.0  # entropy of the stand-in's tokens; the guard's floor is 0.5
+
+
+def _entropy_records(entropies: list[float]) -> Any:
+    """Update records for the stand-in module: one token with r = 1 (KL 0, ESS 1) and the
+    given entropy in each rollout batch."""
+    half = math.log(0.5)
+    return lambda rank, batch_idx: [_record([half], [half], [entropies[batch_idx]], [True])]
+
+
+class Escalation(L.Callback):
+    """After the guard: the learning rate, ``firing`` and the consecutive-trigger count at the
+    end of every rollout batch."""
+
+    def __init__(self, guard: CollapseGuard) -> None:
+        self.guard = guard
+        self.lr: list[float] = []
+        self.firing: list[bool] = []
+        self.restored: list[bool] = []
+        self.consecutive: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.firing.append(self.guard.firing)
+        self.restored.append(self.guard.restored_weights)
+        self.consecutive.append(float(trainer.callback_metrics["guard/consecutive_triggers"]))
+
+
+def _fit_stand_in(entropies: list[float], guard: CollapseGuard) -> Escalation:
+    escalation = Escalation(guard)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[guard, escalation])
+    trainer.fit(HandBuiltUpdates(_entropy_records(entropies), batches=len(entropies)))
+    return escalation
+
+
+def test_escalate_halves_the_learning_rate_then_stops_with_the_signals() -> None:
+    guard = CollapseGuard(min_entropy=0.5)  # escalate: lr_factor 0.5, 3 triggers in a row
+    assert guard.action == "escalate" and guard.firing is False
+    escalation = Escalation(guard)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[guard, escalation])
+    entropies = [HEALTHY, COLLAPSED, COLLAPSED, 0.25, HEALTHY]
+    with pytest.warns(UserWarning, match="Action 'escalate'"), \
+            pytest.raises(TrainingCollapsed) as raised:
+        trainer.fit(HandBuiltUpdates(_entropy_records(entropies), batches=len(entropies)))
+    # the stand-in's SGD starts at lr 0.1: 0.1 → 0.1 × 0.5 = 0.05 → 0.05 × 0.5 = 0.025; the
+    # third trigger (batch 3) stops before another reduction and before the recorder runs
+    assert escalation.lr == [0.1, 0.05, 0.025]
+    assert escalation.firing == [False, True, True]
+    # each trigger rolled the weights back to the state batch 0 started from (step 0)
+    assert escalation.restored == [False, True, True]
+    assert escalation.consecutive == [0.0, 1.0, 2.0]
+    assert guard.firing and guard.consecutive_triggers == 3 and guard.lr_reductions == 2
+    assert trainer.should_stop
+    assert guard.fired_by_signal == {"min_entropy": 3}
+    collapsed = raised.value
+    assert collapsed.signals == {"min_entropy": 0.25}
+    assert collapsed.triggers == ["rollout batch 1: entropy 0 < min_entropy 0.5",
+                                  "rollout batch 2: entropy 0 < min_entropy 0.5",
+                                  "rollout batch 3: entropy 0.25 < min_entropy 0.5"]
+    assert collapsed.last_good_step == 0 and collapsed.exit_code == 3
+    assert str(collapsed).startswith(
+        "CollapseGuard stopped training: the collapse signs fired in 3 consecutive rollout "
+        "batches despite rolling back and lowering the learning rate each time (rollout batch "
+        "1: entropy 0 < min_entropy 0.5; rollout batch 2: entropy 0 < min_entropy 0.5; "
+        "rollout batch 3: entropy 0.25 < min_entropy 0.5). The weights hold the last good "
+        "state, from global step 0.")
+
+
+def test_one_allowed_trigger_stops_at_the_first() -> None:
+    guard = CollapseGuard(min_entropy=0.5, max_consecutive_triggers=1)
+    with pytest.raises(TrainingCollapsed) as raised:
+        _fit_stand_in([HEALTHY, COLLAPSED, HEALTHY], guard)
+    assert str(raised.value).startswith(
+        "CollapseGuard stopped training: the collapse signs fired (rollout batch 1: entropy 0 "
+        "< min_entropy 0.5). The weights hold the last good state, from global step 0.")
+    assert guard.lr_reductions == 0
+
+
+def test_only_confirmed_progress_resets_the_consecutive_count() -> None:
+    guard = CollapseGuard(min_entropy=0.5, lr_factor=0.1, min_lr=0.002)
+    entropies = [HEALTHY, COLLAPSED, HEALTHY, COLLAPSED, HEALTHY, HEALTHY, COLLAPSED, HEALTHY]
+    with pytest.warns(UserWarning, match="CollapseGuard fired"):
+        escalation = _fit_stand_in(entropies, guard)
+    # batch 2 only re-confirms the state rolled back to: the count stays; batch 5 started from
+    # weights trained after the roll-back and resets it; batch 6 is a first trigger again
+    assert escalation.consecutive == [0.0, 1.0, 1.0, 2.0, 2.0, 0.0, 1.0, 1.0]
+    assert escalation.firing == [False, True, False, True, False, False, True, False]
+    # 0.1 × 0.1 = 0.01; 0.01 × 0.1 = 0.001 is below min_lr, so 0.002; then it stays there
+    assert escalation.lr == pytest.approx([0.1, 0.01, 0.01, 0.002, 0.002, 0.002, 0.002, 0.002])
+    assert guard.lr_reductions == 3 and guard.fired_count == 3
+
+
+def test_a_resumed_guard_continues_its_escalation() -> None:
+    before = CollapseGuard(min_entropy=0.5)
+    with pytest.warns(UserWarning):
+        _fit_stand_in([HEALTHY, COLLAPSED, HEALTHY, COLLAPSED], before)
+    state = before.state_dict()
+    assert state["consecutive_triggers"] == 2 and state["lr_reductions"] == 2
+    resumed = CollapseGuard(min_entropy=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    # the third consecutive trigger, in the resumed run's first batch, stops it
+    with pytest.raises(TrainingCollapsed, match=r"fired in 3 consecutive rollout batches .*"
+                                                r"rollout batch 1: .* rollout batch 3: .* "
+                                                r"rollout batch 0: entropy 0 < min_entropy"):
+        _fit_stand_in([COLLAPSED], resumed)
+    # a checkpoint written before the escalation existed still loads, with nothing pending
+    old = {"fired_count": 2, "fired_by_signal": {"max_kl": 2}, "kl_ema": 0.01,
+           "kl_ema_count": 4}
+    fresh = CollapseGuard(max_kl=1.0)
+    fresh.load_state_dict(old)
+    assert fresh.state_dict() == {**old, "reward_ema": None, "reward_ema_count": 0,
+                                  "consecutive_triggers": 0, "lr_reductions": 0,
+                                  "retrying": False, "triggers": []}
+
+
+def test_reward_drop_compares_with_the_running_mean_after_warmup() -> None:
+    guard = CollapseGuard(min_reward_fraction=0.25, warmup_steps=2)
+    guard.reward_ema, guard.reward_ema_count = 0.4, 2
+    # 0.25 × 0.4 = 0.1
+    assert guard.check({"reward": 0.09}) == [
+        ("min_reward", "mean reward 0.09 < min_reward_fraction 0.25 × running mean 0.4 = 0.1")]
+    assert guard.check({"reward": 0.1}) == []
+    guard.reward_ema_count = 1  # still warming up
+    assert guard.check({"reward": 0.0}) == []
+    guard.reward_ema, guard.reward_ema_count = -0.2, 2  # a mean that is not positive
+    assert guard.check({"reward": -5.0}) == []
+    # a value that prints like its threshold gets more digits
+    assert CollapseGuard(min_ess=0.5).check({"ess": 0.49996}) == [
+        ("min_ess", "ESS fraction 0.49996 < min_ess 0.5")]
+
+
+def test_escalate_rolls_back_to_the_confirmed_state_and_marks_checkpoints(
+        random_model_dir, tmp_path) -> None:
+    module = _module(random_model_dir, optimizer=partial(AdamW, lr=1e-2))
+    guard, record = CollapseGuard(max_kl=1.0), Record()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                                  filename="{step}")
+    with pytest.warns(UserWarning, match=r"global step 6: mismatch KL \S+ > max_kl 1\. Action "
+                                         r"'escalate': rolled back to the good state of global "
+                                         r"step 2; learning rate 0\.01 → 0\.005"):
+        _fit(module, 4, [checkpoints, guard, PerturbBehavior({2}), record],
+             enable_checkpointing=True)
+    assert [r["fired"] for r in record.after] == [0.0, 0.0, 1.0, 0.0]
+    # Iteration 1 (healthy) confirmed the state it started from, the end of iteration 0; the
+    # end of iteration 1 was never confirmed, so iteration 2 goes back two iterations' worth
+    for key in ("policy", "behavior"):
+        assert _equal(record.after[2][key], record.after[0][key])
+        assert not _equal(record.after[2][key], record.after[1][key])
+    assert record.after[2]["adam_steps"] == record.after[0]["adam_steps"]
+    assert record.after[2]["last_epoch"] == record.after[0]["last_epoch"]
+    assert [r["lr"] for r in record.after] == [1e-2, 1e-2, 5e-3, 5e-3]
+    assert [r["base_lrs"] for r in record.after] == [[1e-2], [1e-2], [5e-3], [5e-3]]
+    assert guard.consecutive_triggers == 1  # iteration 3 only re-confirmed the restored state
+    assert guard.last_good_step == 2 and not guard.firing
+
+    def marker(step: int) -> dict[str, Any]:
+        return torch.load(tmp_path / f"step={step}.ckpt", weights_only=False)[CHECKPOINT_KEY]
+
+    assert marker(2) == {"firing": False, "fired": [], "signals": {},
+                         "consecutive_triggers": 0, "weights_step": 2, "last_good_step": 0}
+    assert marker(4) == {"firing": False, "fired": [], "signals": {},
+                         "consecutive_triggers": 0, "weights_step": 4, "last_good_step": 2}
+    fired = marker(6)
+    assert fired["signals"]["max_kl"] == pytest.approx(record.after[2]["kl"])
+    assert fired == {"firing": True, "fired": ["max_kl"], "signals": fired["signals"],
+                     "consecutive_triggers": 1, "weights_step": 2, "last_good_step": 2}
+    # the save made while firing holds the restored weights, those of the step-2 save; the
+    # step-4 save holds the rejected ones (weights_step 4 > last_good_step 2)
+    saved = {s: torch.load(tmp_path / f"step={s}.ckpt", weights_only=False)["state_dict"]
+             for s in (2, 4, 6)}
+    assert _equal(saved[6], saved[2]) and not _equal(saved[4], saved[2])
+
+
+# ------------------------------------------------------------------ the quickstart at lr = 10
+QUICKSTART = Path(__file__).parents[2] / "examples" / "configs" / "quickstart.yaml"
+SIGNAL = re.compile(r"(ESS fraction|entropy|mismatch KL|mean reward) \S+ [<>] "
+                    r"(min_ess|min_entropy|max_entropy|max_kl|kl_spike_factor|"
+                    r"min_reward_fraction) \S+")
+
+
+def test_quickstart_guard_is_escalate_and_lr_10_never_ends_quietly_collapsed(
+        tmp_path, capsys) -> None:
+    """The quickstart at a learning rate 50 000 times its own (2e-4) collapses in its first
+    rollout batch. The run must either stop with a non-zero status and the guard's message, or
+    end with status 0 and a reward back within 20 % of its level before the collapse (the first
+    rollout batch, sampled before any update). Collapsed means: the mean reward of the last 5
+    rollout batches is below 80 % of that level."""
+    guards = [c for c in yaml.safe_load(QUICKSTART.read_text())["trainer"]["callbacks"]
+              if isinstance(c, dict) and c["class_path"].endswith("CollapseGuard")]
+    assert len(guards) == 1 and "action" not in guards[0]["init_args"]  # the default
+    override = tmp_path / "short.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {
+        "max_steps": 80,  # 40 rollout batches at most
+        "default_root_dir": str(tmp_path),
+        "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(tmp_path), "name": "csv"}}]}}))
+    code = 0
+    with pytest.warns(UserWarning):
+        try:
+            main(["fit", "--config", str(QUICKSTART), "--config", str(override),
+                  "--model.optimizer.init_args.lr=10"])
+        except SystemExit as stopped:
+            code = stopped.code
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    with metrics.open() as file:
+        rewards = [float(row["reward/mean"]) for row in csv.DictReader(file)
+                   if row.get("reward/mean")]
+    stderr = capsys.readouterr().err
+    if code != 0:
+        assert code == TrainingCollapsed.exit_code
+        assert "trustregion: CollapseGuard stopped training: the collapse signs fired in 3 " \
+               "consecutive rollout batches" in stderr
+        assert SIGNAL.search(stderr), stderr[-2000:]
+        assert "Traceback" not in stderr
+    else:
+        recovered = sum(rewards[-5:]) / 5
+        assert recovered >= 0.8 * rewards[0], f"exited 0 with a collapsed model: {rewards}"

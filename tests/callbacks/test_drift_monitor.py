@@ -49,8 +49,9 @@ BEHAVIOR = {
     # k3 = 1/r + log r − 1 (x = −log r): a 0, b ln2 − 1/2, c 1 − ln2, d ln2 − 1/2,
     # e 3 − 2 ln2: Σ = 3 − ln2.
     "kl_k3": (3 - LN2) / 5,
-    # r = [1, 2, 0.5, 2, 0.25]: Σr = 5.75, Σr² = 1 + 4 + 0.25 + 4 + 0.0625 = 9.3125.
-    "chi2": 9.3125 / 5 - 1,                 # 0.8625
+    # r = [1, 2, 0.5, 2, 0.25]: Σr = 5.75, Σr² = 1 + 4 + 0.25 + 4 + 0.0625 = 9.3125;
+    # (r − 1)² = [0, 1, 0.25, 1, 0.5625]: Σ = 2.8125.
+    "chi2": 2.8125 / 5,                     # 0.5625
     "ess": 5.75**2 / (5 * 9.3125),          # 33.0625 / 46.5625 = 0.71007
     "ratio_min": 0.25,
     "ratio_mean": 5.75 / 5,                 # 1.15
@@ -181,7 +182,7 @@ def test_linear_quantile_matches_torch() -> None:
 
 
 def test_pair_drift_is_accurate_for_a_tiny_drift() -> None:
-    # log r = ±1e-6 on two tokens: r − 1 ≈ ±1e-6, χ² = E[r²] − 1 ≈ E[(r−1)²] + 2E[r−1] = 1e-12
+    # log r = ±1e-6 on two tokens: r − 1 ≈ ±1e-6, χ² = E[(r − 1)²] ≈ 1e-12
     metric = PairDrift()
     metric.update(torch.tensor([[1e-6, -1e-6]], dtype=torch.float64) + math.log(0.5),
                   torch.full((1, 2), math.log(0.5), dtype=torch.float64), torch.ones(1, 2))

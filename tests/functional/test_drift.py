@@ -144,17 +144,25 @@ def test_ess_and_chi2_by_hand() -> None:
     n = torch.tensor(5.0, dtype=F64)
     # ESS = 5.75² / (5 · 9.3125) = 33.0625 / 46.5625 = 0.710067
     assert ess_fraction(R.sum(), R.square().sum(), n).item() == pytest.approx(33.0625 / 46.5625)
-    # χ² = 9.3125 / 5 − 1 = 0.8625 = (2 · 0.75 + 2.8125) / 5 = 4.3125 / 5
-    assert chi2(R.square().sum(), n).item() == pytest.approx(0.8625)
+    # χ² = Σ(r − 1)² / N = 2.8125 / 5 = 0.5625 = (Σr² − 2 Σr + N) / N = (9.3125 − 11.5 + 5) / 5
+    assert chi2(R.sum(), R.square().sum(), n).item() == pytest.approx(0.5625)
     excess = R - 1
     assert excess.sum().item() == 0.75 and excess.square().sum().item() == 2.8125
-    assert chi2_from_excess(excess.sum(), excess.square().sum(), n).item() == pytest.approx(
-        0.8625)
+    assert chi2_from_excess(excess.square().sum(), n).item() == pytest.approx(0.5625)
     assert ess_fraction_from_excess(excess.sum(), excess.square().sum(), n).item() \
         == pytest.approx(33.0625 / 46.5625)
-    # Python numbers work too: r = 1, 3 → (1 + 3)² / (2 · (1 + 9)) = 0.8; χ² = 10/2 − 1 = 4
+    # Python numbers work too: r = 1, 3 → (1 + 3)² / (2 · (1 + 9)) = 0.8; χ² = (0 + 4) / 2 = 2
     assert ess_fraction(4.0, 10.0, 2).item() == pytest.approx(0.8)
-    assert chi2(10.0, 2).item() == 4.0
+    assert chi2(4.0, 10.0, 2).item() == 2.0
+
+
+def test_chi2_is_never_negative_where_the_second_moment_form_is() -> None:
+    # r = 0.9, 1.0 (π ≈ ν, mean r below 1): E[r²] − 1 = (0.81 + 1) / 2 − 1 = −0.095, a negative
+    # "divergence"; E[(r − 1)²] = (0.01 + 0) / 2 = 0.005.
+    r = torch.tensor([0.9, 1.0], dtype=F64)
+    assert r.square().mean().item() - 1 == pytest.approx(-0.095)
+    assert chi2(r.sum(), r.square().sum(), 2).item() == pytest.approx(0.005)
+    assert chi2_from_excess((r - 1).square().sum(), 2).item() == pytest.approx(0.005)
 
 
 def test_ess_limits() -> None:
@@ -173,8 +181,8 @@ def test_empty_sums_are_defined() -> None:
     assert math.isnan(ess_fraction(zero, zero, zero, empty=float("nan")).item())
     assert ess_fraction(zero, zero, torch.tensor(4.0)).item() == 0.0  # Σr² = 0
     assert ess_fraction_from_excess(zero, zero, zero).item() == 0.0
-    assert chi2(zero, zero).item() == 0.0
-    assert chi2_from_excess(zero, zero, zero).item() == 0.0
+    assert chi2(zero, zero, zero).item() == 0.0
+    assert chi2_from_excess(zero, zero).item() == 0.0
     assert count_fraction(torch.tensor([0.0, 3.0]), torch.tensor([0.0, 4.0])).tolist() == [
         0.0, 0.75]
 
@@ -190,9 +198,10 @@ def test_sums_combine_across_parts() -> None:
 
 
 def test_chi2_from_excess_is_accurate_near_one() -> None:
-    # r = 1 ± 1e-9: E[r²] − 1 = 1e-18 exactly; Σr²/N − 1 cancels to 0 (or noise) in float64.
+    # r = 1 ± 1e-9: E[(r − 1)²] = 1e-18 exactly; Σr² − 2Σr + N cancels to 0 (or noise) in
+    # float64.
     r_minus_1 = torch.tensor([1e-9, -1e-9], dtype=F64)
-    exact = chi2_from_excess(r_minus_1.sum(), r_minus_1.square().sum(), torch.tensor(2.0))
+    exact = chi2_from_excess(r_minus_1.square().sum(), torch.tensor(2.0))
     assert exact.item() == pytest.approx(1e-18, rel=1e-9)
 
 
@@ -241,7 +250,7 @@ def test_pair_drift_equals_the_functional_forms(dtype) -> None:
         "tv_max": tv(lp, an)[mask].max(),
         "kl_k1": masked_mean(kl_k1(lp, an), mask),
         "kl_k3": masked_mean(kl_k3(lp, an), mask),
-        "chi2": chi2(r.square().sum(), n),
+        "chi2": chi2(r.sum(), r.square().sum(), n),
         "ess": ess_fraction(r.sum(), r.square().sum(), n),
         "ratio_min": r.min(),
         "ratio_mean": r.mean(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -18,6 +19,9 @@ from trustregion.strategies import (
     LogRatioQuadratic,
     RatioClip,
     TokenBatch,
+    available_strategies,
+    get_strategy,
+    strategy_class,
 )
 from trustregion.strategies.base import TrustRegionStrategy
 
@@ -257,3 +261,145 @@ def test_none_is_refused_where_there_is_nothing_to_inherit(factory, name, allowe
 def test_one_sided_messages_name_what_none_inherits(factory, name, inherits) -> None:
     with pytest.raises(ValueError, match=re.escape(f"or None to inherit {inherits} (")):
         factory()
+
+
+# ------------------------------------------------------------- bounds no token could ever reach
+
+@pytest.mark.parametrize(("build", "message"), [
+    # r > 0 (and GSPO's s > 0): a lower bound 1 − ε_low ≤ 0 would never clip anything
+    (lambda: RatioClip(epsilon_low=1.5),
+     "epsilon_low must be a number ≥ 0 and < 1, or inf for no bound, or None to inherit epsilon"
+     " (the lower clip half-width: the region starts at r = 1 − ε_low, and r > 0, so ε_low ≥ 1 "
+     "would never clip); got 1.5"),
+    (lambda: RatioClip(epsilon_low=1.0), "epsilon_low must be a number ≥ 0 and < 1"),
+    (lambda: GSPO(epsilon_low=2),
+     "epsilon_low must be a number ≥ 0 and < 1, or inf for no bound, or None to inherit epsilon"
+     " (lower half-width: the region starts at s = 1 − ε_low, and s > 0, so ε_low ≥ 1 would "
+     "never clip); got 2"),
+    (lambda: CISPO(epsilon_low=1.5), "epsilon_low must be a number ≥ 0 and < 1"),
+    # the symmetric value is refused only when the lower side inherits it
+    (lambda: RatioClip(epsilon=1.5),
+     "epsilon=1.5 is inherited by epsilon_low (None), which must be < 1, or inf for no bound "
+     "(the region starts at r = 1 − ε_low, and r > 0); set epsilon_low on its own, or give "
+     "epsilon a value < 1"),
+    (lambda: GSPO(epsilon=3.0), "epsilon=3.0 is inherited by epsilon_low (None)"),
+    (lambda: CISPO(epsilon=1.0), "epsilon=1.0 is inherited by epsilon_low (None)"),
+    # a total variation is at most 1: a TV half-width ≥ 1 would never drop a token
+    (lambda: DivergenceMask(delta=1.0), "delta must be > 0 and < 1, or inf for no bound"),
+    (lambda: DivergenceMask(divergence="topk_tv", delta_low=2.0),
+     "delta_low must be > 0 and < 1, or inf for no bound, or None to inherit delta (the "
+     "trust-region half-width of the topk_tv divergence, which never exceeds 1, for Â < 0 "
+     "tokens); got 2.0"),
+])
+def test_a_bound_no_token_can_reach_is_refused(build, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+def test_bounds_that_can_act_are_accepted() -> None:
+    # 1 − 0.999 = 0.001 > 0: still a lower bound a ratio can cross
+    assert RatioClip(epsilon_low=0.999).bounds == pytest.approx((0.001, 1.2))
+    # a wide symmetric value is fine when the lower side is set on its own: [0.8, 2.5]
+    assert RatioClip(epsilon=1.5, epsilon_low=0.2).bounds == pytest.approx((0.8, 2.5))
+    # inf still says "no lower bound" plainly, set or inherited
+    assert GSPO(epsilon=math.inf).bounds == (-math.inf, 1 + 4e-4)
+    assert CISPO().bounds == (-math.inf, 1.28)
+    # KL divergences are unbounded, and DRPO's δ = 12.5 is its published reference setting
+    assert DivergenceMask(divergence="binary_kl", delta=2.0).deltas == (2.0, 2.0)
+    assert DivergenceMask(delta=0.99).deltas == (0.99, 0.99)
+    assert DRPO(delta=12.5).deltas == (12.5, 12.5)
+
+
+# --------------------------------------------------------- every setting checks its own type
+
+def _settings(name: str) -> list[str]:
+    return [p for p in inspect.signature(strategy_class(name).__init__).parameters
+            if p != "self"]
+
+
+@pytest.mark.parametrize(("name", "setting"), [
+    (name, setting) for name in available_strategies() for setting in _settings(name)])
+def test_a_string_where_a_setting_belongs_names_the_setting(name: str, setting: str) -> None:
+    # e.g. DRPO(delta="big"): "delta must be > 0, or inf for no bound (...); got 'big'", never
+    # a TypeError from comparing a string with a number
+    with pytest.raises(ValueError) as err:
+        get_strategy(name, **{setting: "big"})
+    message = str(err.value)
+    assert setting in message and "'big'" in message, message
+
+
+# ------------------------------------------------------------------- TokenBatch input values
+
+def test_a_list_instead_of_a_tensor_names_the_field() -> None:
+    batch = good_batch(logp=[[-0.5, -1.0, -2.0], [-0.7, -0.2, -3.0]])
+    with pytest.raises(ValueError, match=re.escape(
+            "TokenBatch.logp must be a torch.Tensor; got list (build it with torch.tensor(...))")):
+        DRPO()(batch)
+    with pytest.raises(ValueError, match=re.escape(
+            "TokenBatch.old_logp must be a torch.Tensor or None; got tuple")):
+        DRPO()(good_batch(old_logp=(-0.6, -0.9)))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)])
+def test_an_empty_batch_is_refused(shape: tuple[int, int]) -> None:
+    empty = torch.zeros(shape, dtype=F64)
+    batch = TokenBatch(logp=empty, behavior_logp=empty, advantages=torch.zeros(shape[0]),
+                       mask=empty.bool())
+    with pytest.raises(ValueError, match=re.escape(
+            f"TokenBatch holds no tokens: logp has shape {shape} = [batch, time]")):
+        RatioClip()(batch)
+
+
+def test_a_log_prob_above_zero_is_refused() -> None:
+    # 0.5 and 0.0011 exceed the tolerance 1e-3; 0.0005 is rounding and is accepted
+    logp = torch.tensor([[0.5, -1.0, 0.0011], [-0.7, 0.0005, -3.0]], dtype=F64)
+    message = ("TokenBatch log-probs must be ≤ 0 (a probability is at most 1; values up to "
+               "0.001 are allowed for rounding) — logp: 2 value(s) > 0, largest 0.5")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DRPO()(good_batch(logp=logp))
+    behavior_logp = torch.tensor([[-0.6, -0.9, -2.2], [-0.7, 2.0, -3.0]], dtype=F64)
+    with pytest.raises(ValueError, match=re.escape("behavior_logp: 1 value(s) > 0, largest 2")):
+        RatioClip()(good_batch(behavior_logp=behavior_logp))
+
+
+def test_log_probs_within_the_tolerance_or_masked_are_accepted() -> None:
+    # [1, 2] is padding: 7.0 there is ignored; 0.0005 ≤ 1e-3 is accepted as rounding
+    logp = torch.tensor([[-0.5, -1.0, 0.0005], [-0.7, -0.2, 7.0]], dtype=F64)
+    out = RatioClip()(good_batch(logp=logp))
+    assert out.token_loss[1, 2].item() == 0.0
+
+
+def test_positive_top_k_log_probs_are_refused() -> None:
+    topk = torch.full((2, 3, 2), -1.0, dtype=F64)
+    bad = topk.clone()
+    bad[0, 1, 0] = 0.3
+    batch = good_batch(topk_logp=bad, topk_behavior_logp=topk)
+    with pytest.raises(ValueError, match=re.escape("topk_logp: 1 value(s) > 0, largest 0.3")):
+        DivergenceMask(divergence="topk_tv")(batch)
+
+
+def test_a_fractional_mask_is_refused() -> None:
+    mask = torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 0.0]])
+    message = ("TokenBatch.mask must hold only 0 and 1 (or be bool); 1 value(s) are neither, "
+               "e.g. 0.5. A mask selects tokens, it does not weight them")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DRPO()(good_batch(mask=mask))
+    with pytest.raises(ValueError, match=re.escape("2 value(s) are neither, e.g. 2")):
+        DRPO()(good_batch(mask=torch.tensor([[1, 2, 1], [2, 1, 0]])))
+
+
+def test_integer_float_and_bool_masks_of_0_and_1_agree() -> None:
+    expected = DRPO()(good_batch()).token_loss  # integer mask
+    for mask in (torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]),
+                 torch.tensor([[True, True, True], [True, True, False]])):
+        torch.testing.assert_close(DRPO()(good_batch(mask=mask)).token_loss, expected,
+                                   atol=0, rtol=0)
+
+
+def test_check_values_reads_every_batch_when_called() -> None:
+    # strategies check values on their first batch only; check_values() checks any batch
+    strategy = DRPO()
+    strategy(good_batch())
+    late = good_batch(mask=torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match=re.escape("TokenBatch.mask must hold only 0 and 1")):
+        late.check_values()

@@ -237,7 +237,7 @@ def test_registry():
 def test_repr_lists_hyperparameters():
     assert repr(Reverse(max_len=4)) == (
         "Reverse(min_len=3, max_len=4, alphabet='abcde', partial_credit=False, "
-        "prompt_style='compact')"
+        "prompt_style='compact', validation_fraction=0.125)"
     )
 
 
@@ -248,6 +248,7 @@ def test_hparams_are_plain_config_values(tmp_path):
         "operations": ["*"],
         "partial_credit": False,
         "prompt_style": "compact",
+        "validation_fraction": 0.125,
     }
     path = write_jsonl(tmp_path / "h.jsonl", [json.dumps({"prompt": "p", "answer": "a"})])
     assert JsonlTask(path).hparams() == {
@@ -255,6 +256,8 @@ def test_hparams_are_plain_config_values(tmp_path):
         "prompt_key": "prompt",
         "answer_key": "answer",
         "reward_fn": None,
+        "validation_path": None,
+        "validation_fraction": 0.0,
     }
     task = Arithmetic(**Arithmetic(max_value=5).hparams())
     assert task.max_value == 5 and task.operations == ("+", "-")
@@ -511,3 +514,128 @@ def test_custom_task_subclass():
     assert task.examples(2) == [Example("say:", "y")] * 2
     assert task.reward(["y", "x"], task.examples(2)).tolist() == [1.0, 0.0]
     assert repr(task) == "Constant(value='y')"
+
+
+# ------------------------------------------------------------------------- held-out splits
+from trustregion.data import PromptStream  # noqa: E402
+from trustregion.tasks.base import MAX_DRAWS, held_out_score  # noqa: E402
+
+
+def _every_arithmetic_problem(task: Arithmetic) -> list[Example]:
+    values = range(task.min_value, task.max_value + 1)
+    return [Example(f"{a}{op}{b}=", "", {"a": a, "b": b, "op": op})
+            for a in values for b in values for op in task.operations]
+
+
+def test_training_batches_never_hold_a_validation_prompt():
+    task = Arithmetic()  # 21 × 21 × 2 = 882 problems, 1/8 held out
+    held_out = task.validation_examples(64)
+    assert held_out == task.validation_examples(64)  # the same list at every evaluation
+    prompts = {ex.prompt for ex in held_out}
+    assert len(prompts) == 64  # distinct prompts
+    assert all(held_out_score(p) < 0.125 for p in prompts)
+    stream = PromptStream(task, batch_size=16, seed=0)
+    trained = {ex.prompt for i in range(300) for ex in stream.batch(i).examples}
+    assert len(trained) > 600  # 4800 draws reach nearly every one of the ~770 training problems
+    assert not trained & prompts
+    assert all(held_out_score(p) >= 0.125 for p in trained)
+
+
+def test_the_split_follows_the_prompt_not_the_seed():
+    task = Arithmetic()
+    problems = _every_arithmetic_problem(task)
+    held_out = {ex.prompt for ex in problems if task.split_of(ex) == "validation"}
+    # every held-out problem a validation draw can reach, whatever the seed
+    drawn = {ex.prompt for seed in range(3) for ex in task.examples(400, seed=seed,
+                                                                   split="validation")}
+    assert drawn == held_out
+    assert 0.08 < len(held_out) / len(problems) < 0.17  # about the configured 1/8
+
+
+def test_both_prompt_styles_hold_out_the_same_problems():
+    compact = Arithmetic(operations=("+", "-", "*")).validation_examples(20)
+    worded = Arithmetic(operations=("+", "-", "*"), prompt_style="instruction"
+                        ).validation_examples(20)
+    assert [ex.meta for ex in compact] == [ex.meta for ex in worded]
+    for cls in (DigitSort, Reverse):
+        short = cls().validation_examples(10)
+        long = cls(prompt_style="instruction").validation_examples(10)
+        assert [ex.answer for ex in short] == [ex.answer for ex in long]
+
+
+def test_validation_fraction_zero_holds_nothing_out():
+    task = Arithmetic(validation_fraction=0)
+    assert task.examples(30, seed=4) == [task.sample(r) for r in [random.Random(4)]
+                                         for _ in range(30)]
+    with pytest.raises(ValueError, match=r"Arithmetic holds no prompts out for validation "
+                                         r"\(validation_fraction=0\); set validation_fraction"):
+        task.validation_examples(1)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "x", True, math.nan])
+def test_validation_fraction_must_lie_in_zero_one(bad):
+    with pytest.raises(ValueError, match=r"validation_fraction must be a finite number in "
+                                         r"\[0.0, 1.0\) \(0 holds no prompts out\); got"):
+        Reverse(validation_fraction=bad)
+
+
+def test_a_split_with_no_prompt_fails_with_a_clear_message():
+    task = Reverse(min_len=1, max_len=1, alphabet="a")  # a single problem: rev:a=
+    empty = "train" if task.split_of(Example("rev:a=", "a")) == "validation" else "validation"
+    with pytest.raises(ValueError, match=rf"Reverse drew no {empty} example in {MAX_DRAWS} "
+                                         r"draws: its prompts are too few"):
+        task.examples(1, split=empty)
+
+
+def test_asking_for_more_held_out_prompts_than_exist_fails():
+    task = Arithmetic(max_value=3, operations=("+",), validation_fraction=0.5)
+    held_out = [ex for ex in _every_arithmetic_problem(task) if task.split_of(ex) == "validation"]
+    assert sorted(ex.prompt for ex in task.validation_examples(len(held_out))) == sorted(
+        ex.prompt for ex in held_out)
+    with pytest.raises(ValueError, match=rf"validation split holds only {len(held_out)} "
+                                         rf"distinct prompts, fewer than the 20 asked for"):
+        task.validation_examples(20)
+    with pytest.raises(ValueError, match=r"split must be one of"):
+        task.examples(1, split="test")  # type: ignore[arg-type]
+
+
+def _lines(prompts):
+    return [json.dumps({"prompt": p, "answer": str(i)}) for i, p in enumerate(prompts)]
+
+
+def test_jsonl_validation_fraction_splits_the_file_by_prompt(tmp_path):
+    prompts = [f"q{i}?" for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", _lines(prompts))
+    assert len(JsonlTask(path)) == 40  # no split by default: every line trains
+    task = JsonlTask(path, validation_fraction=0.25)
+    expected = [p for p in prompts if held_out_score(p) < 0.25]  # in file order
+    assert [ex.prompt for ex in task.held_out] == expected and 0 < len(expected) < 40
+    assert [ex.prompt for ex in task.data] == [p for p in prompts if p not in expected]
+    assert task.validation_examples(2) == task.held_out[:2]
+    assert {ex.prompt for ex in task.examples(200, seed=1)} == {ex.prompt for ex in task.data}
+    with pytest.raises(ValueError, match=rf"the held-out split of d holds {len(expected)} "
+                                         r"examples, fewer than the 99 asked for"):
+        task.validation_examples(99)
+    assert task.hparams()["validation_fraction"] == 0.25
+
+
+def test_jsonl_validation_path_holds_out_a_second_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", _lines(["a?", "b?", "c?"]))
+    held = write_jsonl(tmp_path / "val.jsonl", _lines(["x?", "y?"]))
+    task = JsonlTask(train, validation_path=held)
+    assert [ex.prompt for ex in task.data] == ["a?", "b?", "c?"]
+    assert [ex.prompt for ex in task.validation_examples(2)] == ["x?", "y?"]
+    assert task.split_of(Example("y?", "1")) == "validation"
+    assert task.split_of(Example("a?", "0")) == "train"
+    assert task.hparams()["validation_path"] == str(held)
+    leaky = write_jsonl(tmp_path / "leaky.jsonl", _lines(["x?", "b?"]))
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) of .*leaky.jsonl are also in "
+                                         r".*train.jsonl \(e.g. 'b\?'\)"):
+        JsonlTask(train, validation_path=leaky)
+    with pytest.raises(ValueError, match=r"give validation_path or validation_fraction, not "
+                                         r"both"):
+        JsonlTask(train, validation_path=held, validation_fraction=0.5)
+    with pytest.raises(ValueError, match=r"holds no examples out for validation; set "
+                                         r"validation_path \(a separate file\) or "
+                                         r"validation_fraction"):
+        JsonlTask(train).validation_examples(1)

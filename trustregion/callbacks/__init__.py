@@ -1,7 +1,8 @@
 """Lightning callbacks that watch an RL run."""
 
 from trustregion.callbacks._windowed import WindowedMonitor
-from trustregion.callbacks.collapse_guard import CollapseGuard
+from trustregion.callbacks.checkpoint import RolloutCheckpoint
+from trustregion.callbacks.collapse_guard import CollapseGuard, TrainingCollapsed
 from trustregion.callbacks.controller import TrustRegionController
 from trustregion.callbacks.drift_monitor import DriftMonitor
 from trustregion.callbacks.drift_plots import DriftPlots
@@ -14,8 +15,10 @@ __all__ = [
     "DriftMonitor",
     "DriftPlots",
     "RewardSummary",
+    "RolloutCheckpoint",
     "RolloutProgressBar",
     "ShadowStrategies",
+    "TrainingCollapsed",
     "TrustRegionController",
     "WindowedMonitor",
 ]

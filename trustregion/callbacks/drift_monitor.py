@@ -20,7 +20,7 @@ x = log ν − log π clamped to ±20 and r = e⁻ˣ = π / ν:
 | ``drift/P/tv_max`` | its maximum |
 | ``drift/P/kl_k1`` | mean of k1 = −x = log π − log ν |
 | ``drift/P/kl_k3`` | mean of k3 = eˣ − x − 1 (≥ 0) |
-| ``drift/P/chi2`` | E[r²] − 1 |
+| ``drift/P/chi2`` | E[(r − 1)²] |
 | ``drift/P/ess`` | (Σr)² / (N Σr²): effective sample size fraction of r, in (0, 1] |
 | ``drift/P/ratio_min``, ``_mean``, ``_max`` | min, mean, max of r |
 | ``drift/P/log_ppl_diff`` | mean over sequences of mean_t x (log-perplexity under π minus ν) |

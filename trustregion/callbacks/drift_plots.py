@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from trustregion.callbacks.controller import current_widths
 from trustregion.functional.drift import prob_shift
 from trustregion.interface import StepOutput, UpdateRecord, training_module
 from trustregion.plots.charts import (
@@ -20,7 +22,15 @@ from trustregion.plots.charts import (
     plot_weight_vs_shift,
     weight_chart_title,
 )
-from trustregion.plots.runs import TOKEN_SAMPLE_COLUMNS, load_metrics, write_token_samples
+from trustregion.plots.monitors import plot_monitors
+from trustregion.plots.runs import (
+    TOKEN_SAMPLE_COLUMNS,
+    join_versions,
+    load_metrics,
+    version_history,
+    write_token_samples,
+)
+from trustregion.strategies.base import TrustRegionStrategy
 
 __all__ = ["DriftPlots"]
 
@@ -44,14 +54,18 @@ class DriftPlots(L.Callback):
     Δ is measured against μ for every strategy, including one anchored on π_old.
 
     At the end of training, and every ``every_n_steps`` RL iterations if set, it writes
-    ``token_samples.csv``, ``reward.png``, ``drift.png`` and ``weight_vs_shift.png`` (see
-    :mod:`trustregion.plots`) to ``<log_dir>/plots/``, where ``log_dir`` is the first logger's
-    directory, or ``trainer.default_root_dir`` without a logger. The reward and drift charts
-    are drawn from a ``CSVLogger``'s ``metrics.csv`` when the trainer has one (every logged
-    key, including a drift monitor's), else from the metrics the module logged. A chart drawn
-    during training covers the iterations logged so far, up to the one before. Only global
-    rank zero samples and draws (its own tokens). The sample, the counters and the random
-    state are part of the callback's checkpoint state, so a resumed run continues them.
+    ``token_samples.csv``, ``reward.png``, ``drift.png``, ``monitors.png`` (when shadow, guard
+    or controller keys were logged) and ``weight_vs_shift.png`` (see :mod:`trustregion.plots`)
+    to ``<log_dir>/plots/``, where ``log_dir`` is the first logger's directory, or
+    ``trainer.default_root_dir`` without a logger. The charts over time are drawn from a
+    ``CSVLogger``'s ``metrics.csv`` when the trainer has one (every logged key, including a
+    drift monitor's; for a resumed run, joined with the earlier versions' files, see
+    :func:`~trustregion.plots.join_versions`), else from the metrics the module logged. A
+    chart drawn during training covers the iterations logged so far, up to the one before. The
+    weight chart's title names the strategy with the widths it has now (a width controller
+    may have moved them) and the ones it started with. Only global rank zero samples and draws
+    (its own tokens). The sample, the counters and the random state are part of the
+    callback's checkpoint state, so a resumed run continues them.
 
     ``trustregion plot RUN_DIR`` redraws the charts from the files afterwards.
 
@@ -78,7 +92,7 @@ class DriftPlots(L.Callback):
         self.tokens_seen = 0
         self.iterations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
-        self.title = ""
+        self.configured: TrustRegionStrategy | None = None
         self._generator = torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------------- sampling
@@ -126,10 +140,8 @@ class DriftPlots(L.Callback):
 
     # ---------------------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        training_module(pl_module, "DriftPlots")
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.title = weight_chart_title(training_module(pl_module, "DriftPlots").strategy)
+        # before a checkpoint is restored: the strategy with the widths it was configured with
+        self.configured = copy.deepcopy(training_module(pl_module, "DriftPlots").strategy)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -170,7 +182,7 @@ class DriftPlots(L.Callback):
                 logger.save()
                 path = Path(logger.log_dir) / "metrics.csv"
                 if path.is_file():
-                    return load_metrics(path)
+                    return join_versions([load_metrics(p) for p in version_history(path)])
         series: dict[str, list[tuple[int, float]]] = {}
         for step, logged in self.history:
             for key, value in logged.items():
@@ -183,6 +195,11 @@ class DriftPlots(L.Callback):
         return write_token_samples({key: value.double().numpy()
                                     for key, value in self.sample.items()}, path)
 
+    def title(self, trainer: L.Trainer) -> str:
+        """The weight chart's title: the strategy as configured, with its current widths."""
+        strategy = training_module(trainer.lightning_module, "DriftPlots").strategy
+        return weight_chart_title(self.configured or strategy, current_widths(strategy))
+
     def render(self, trainer: L.Trainer) -> list[Path]:
         """Write the token sample and every chart the data allows; returns the paths."""
         out = self.plot_dir(trainer)
@@ -191,7 +208,9 @@ class DriftPlots(L.Callback):
         written = [self.write_samples(out / "token_samples.csv"),
                    plot_reward(metrics, out / "reward.png"),
                    plot_drift_panel(metrics, out / "drift.png"),
-                   plot_weight_vs_shift(samples, out / "weight_vs_shift.png", self.title)]
+                   plot_monitors(metrics, out / "monitors.png"),
+                   plot_weight_vs_shift(samples, out / "weight_vs_shift.png",
+                                        self.title(trainer))]
         return [path for path in written if path is not None]
 
     # ---------------------------------------------------------------------- checkpoints

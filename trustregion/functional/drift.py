@@ -9,7 +9,11 @@ Per token, from the log-probabilities of the sampled token under π (``logp``) a
 
 Over N tokens, from sums (so micro-batches and ranks combine by adding their sums)::
 
-    ESS fraction = (Σr)² / (N Σr²)  ∈ (0, 1]        χ² = E[r²] − 1 = Σr² / N − 1
+    ESS fraction = (Σr)² / (N Σr²)  ∈ (0, 1]        χ² = E[(r − 1)²] = Σ(r − 1)² / N  (≥ 0)
+
+χ²(π‖ν) = E_ν[(r − 1)²] = E_ν[r²] − 1 when E_ν[r] = 1. Both forms are unbiased on tokens sampled
+from ν, but Σr² / N − 1 carries the noise of 2(mean r − 1), which exceeds the divergence itself
+when π ≈ ν and makes the estimate negative; Σ(r − 1)² / N is never negative.
 
 Per-token functions compute in float32, or wider when an input is wider (float64 stays
 float64), so bfloat16 and float16 log-probs are upcast before any arithmetic. Reductions from
@@ -180,25 +184,27 @@ def ess_fraction_from_excess(excess_sum: Tensor | float, excess_sq_sum: Tensor |
     return ess_fraction(n + s1, n + 2 * s1 + s2, n, empty=empty)
 
 
-def chi2(ratio_sq_sum: Tensor | float, count: Tensor | float) -> Tensor:
-    """χ² divergence estimate E[r²] − 1 = Σr² / N − 1 (≥ −1; 0 for r ≡ 1); 0 when N = 0.
+def chi2(ratio_sum: Tensor | float, ratio_sq_sum: Tensor | float,
+         count: Tensor | float) -> Tensor:
+    """χ² divergence estimate E[(r − 1)²] = (Σr² − 2 Σr + N) / N (≥ 0; 0 for r ≡ 1); 0 when
+    N = 0. Rounding below 0 is clamped.
 
-    Example (r = 1, 3: (1 + 9) / 2 − 1):
-        >>> float(chi2(torch.tensor(10.0), torch.tensor(2.0)))
-        4.0
+    Example (r = 1, 3: ((1 − 1)² + (3 − 1)²) / 2 = (10 − 8 + 2) / 2):
+        >>> float(chi2(torch.tensor(4.0), torch.tensor(10.0), torch.tensor(2.0)))
+        2.0
     """
-    s2, n = _as_sums(ratio_sq_sum, count)
-    return torch.where(n > 0, s2 / n.clamp(min=1) - 1, torch.zeros_like(s2))
+    s1, s2, n = _as_sums(ratio_sum, ratio_sq_sum, count)
+    return torch.where(n > 0, ((s2 - 2 * s1 + n) / n.clamp(min=1)).clamp(min=0),
+                       torch.zeros_like(s2))
 
 
-def chi2_from_excess(excess_sum: Tensor | float, excess_sq_sum: Tensor | float,
-                     count: Tensor | float) -> Tensor:
-    """:func:`chi2` from the sums of r − 1: E[r²] − 1 = (2 Σ(r − 1) + Σ(r − 1)²) / N, without
-    the cancellation of Σr² / N − 1 when r ≈ 1; 0 when N = 0.
+def chi2_from_excess(excess_sq_sum: Tensor | float, count: Tensor | float) -> Tensor:
+    """:func:`chi2` from the sum of (r − 1)² (see :func:`ratio_excess`): Σ(r − 1)² / N, without
+    the cancellation of Σr² − 2 Σr + N when r ≈ 1; 0 when N = 0.
 
-    Example (r = 1, 3: r − 1 = 0, 2; (2 · 2 + 4) / 2):
-        >>> float(chi2_from_excess(torch.tensor(2.0), torch.tensor(4.0), torch.tensor(2.0)))
-        4.0
+    Example (r = 1, 3: r − 1 = 0, 2; (0 + 4) / 2):
+        >>> float(chi2_from_excess(torch.tensor(4.0), torch.tensor(2.0)))
+        2.0
     """
-    s1, s2, n = _as_sums(excess_sum, excess_sq_sum, count)
-    return (2 * s1 + s2) / n.clamp(min=1)
+    s2, n = _as_sums(excess_sq_sum, count)
+    return s2 / n.clamp(min=1)

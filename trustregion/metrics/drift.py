@@ -13,7 +13,7 @@ Per token, with anchor ν and x = log ν − log π clamped to ±20 (r = e⁻ˣ 
 | ``tv_mean``, ``tv_p99``, ``tv_max`` | mean, 99th percentile (linear), max of abs(π − ν) |
 | ``kl_k1`` | mean of k1 = −x = log π − log ν |
 | ``kl_k3`` | mean of k3 = eˣ − x − 1 |
-| ``chi2`` | E[r²] − 1 |
+| ``chi2`` | E[(r − 1)²] (= E[r²] − 1 in expectation, never negative) |
 | ``ess`` | (Σr)² / (N Σr²), effective sample size of r as a fraction of N, in (0, 1] |
 | ``ratio_min``, ``ratio_mean``, ``ratio_max`` | min, mean, max of r |
 | ``log_ppl_diff`` | mean over sequences of mean_t x: log-perplexity under π minus under ν |
@@ -60,7 +60,7 @@ PAIR_STATISTICS: dict[str, str] = {
     "tv_max": "largest abs(π − ν)",
     "kl_k1": "mean k1 = log π − log ν",
     "kl_k3": "mean k3 = eˣ − x − 1 with x = log ν − log π",
-    "chi2": "χ² = E[r²] − 1 with r = π / ν",
+    "chi2": "χ² = E[(r − 1)²] with r = π / ν",
     "ess": "effective sample size of r as a fraction of the token count, (Σr)² / (N Σr²)",
     "ratio_min": "smallest r",
     "ratio_mean": "mean r",
@@ -198,7 +198,7 @@ class PairDrift(_TokenMetric):
             "tv_max": self.shift_max,
             "kl_k1": self.k1_sum / safe,
             "kl_k3": self.k3_sum / safe,
-            "chi2": chi2_from_excess(s1, s2, n),
+            "chi2": chi2_from_excess(s2, n),
             "ess": ess_fraction_from_excess(s1, s2, n),
             "ratio_min": torch.where(seen, self.ratio_lowest, zero),
             "ratio_mean": torch.where(seen, 1 + s1 / safe, zero),

@@ -9,7 +9,8 @@ batched generation) and decodes by concatenating characters, without inserting s
     >>> tok.decode(ids, skip_special_tokens=True)
     '12+7='
 
-Characters outside the alphabet encode as ``<unk>``.
+Characters outside the alphabet encode as ``<unk>``, so the model cannot tell them apart;
+training warns, once, of prompts that hold any (:mod:`trustregion.prompt_checks`).
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,10 +28,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from trustregion.models.tiny import TINY_MODEL_DIR
 
-__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "prepare_tokenizer", "smollm2_gguf"]
+__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "no_loading_bars", "prepare_tokenizer",
+           "smollm2_gguf"]
 
 TINY = "tiny-char-llama"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -52,10 +57,32 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Turn off the progress bars of transformers and huggingface_hub (such as "Loading
+    weights") inside the block, and restore each switch as it was afterwards."""
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()  # turns huggingface_hub's on as well
+        if hub_bars_off:
+            disable_progress_bars()
+
+
 def load_model(source: str, *, dtype: torch.dtype = torch.float32
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from ``source`` (see the module docstring), offline."""
+    """Load ``(model, tokenizer)`` from ``source`` (see the module docstring), offline and
+    without progress bars."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with no_loading_bars():
+        return _load(source, dtype)
+
+
+def _load(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not isinstance(source, str) or not source:
         raise ValueError(f"model source must be a non-empty string: {SOURCES_HELP}")
     if source == TINY:

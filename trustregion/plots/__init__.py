@@ -1,18 +1,23 @@
-"""Charts of a run: reward, policy drift and the trust region's gradient weights.
+"""Charts of a run: reward, policy drift, the monitors and the trust region's gradient weights.
 
-Three modules, one job each:
+One job per module:
 
 * :mod:`trustregion.plots.runs` reads a run's files: :func:`find_metrics_csv` /
-  :func:`load_metrics` (what Lightning's ``CSVLogger`` wrote), :func:`load_token_samples` /
-  :func:`write_token_samples` (``token_samples.csv``, written by
-  :class:`~trustregion.callbacks.DriftPlots`) and :func:`load_run_strategy` (the strategy named
-  in ``hparams.yaml`` or ``config.yaml``, rebuilt with :mod:`trustregion.specs`);
-* :mod:`trustregion.plots.charts` draws, as pure functions over plain data:
-  :func:`plot_reward`, :func:`plot_drift_panel` and :func:`plot_weight_vs_shift` each write one
-  PNG and return its path, or None when the data holds nothing to draw;
+  :func:`load_metrics` (what Lightning's ``CSVLogger`` wrote), :func:`run_metrics_csvs` /
+  :func:`load_run_metrics` (every ``version_<N>`` of a resumed run, :func:`version_history`,
+  joined by :func:`join_versions`), :func:`load_token_samples` / :func:`write_token_samples`
+  (``token_samples.csv``, written by :class:`~trustregion.callbacks.DriftPlots`) and
+  :func:`load_run_strategy` (the strategy named in ``hparams.yaml`` or ``config.yaml``, rebuilt
+  with :mod:`trustregion.specs`);
+* :mod:`trustregion.plots.drawing` holds the style and the grid of panels over time the charts
+  share;
+* :mod:`trustregion.plots.charts` and :mod:`trustregion.plots.monitors` draw, as pure functions
+  over plain data: :func:`plot_reward`, :func:`plot_drift_panel`, :func:`plot_monitors` and
+  :func:`plot_weight_vs_shift` each write one PNG and return its path, or None when the data
+  holds nothing to draw (the ``*_figure`` functions return the figure instead);
 * :mod:`trustregion.plots.render` joins them: :func:`render_run` draws every chart the data
-  allows into ``<version dir>/plots/``; ``trustregion plot RUN_DIR`` (:mod:`trustregion.cli`)
-  runs it.
+  allows into ``<latest version dir>/plots/``; ``trustregion plot RUN_DIR``
+  (:mod:`trustregion.cli`) runs it.
 
 Example::
 
@@ -22,36 +27,58 @@ Example::
 
 from trustregion.plots.charts import (
     DRIFT_PANELS,
+    drift_figure,
     drift_panel_keys,
+    inferred_reward_range,
+    logged_widths,
     plot_drift_panel,
     plot_reward,
     plot_weight_vs_shift,
+    reward_figure,
     strategy_label,
     weight_chart_title,
+    weight_vs_shift_figure,
 )
+from trustregion.plots.monitors import monitor_panels, monitors_figure, plot_monitors
 from trustregion.plots.render import render_run
 from trustregion.plots.runs import (
     TOKEN_SAMPLE_COLUMNS,
     find_metrics_csv,
+    join_versions,
     load_metrics,
+    load_run_metrics,
     load_run_strategy,
     load_token_samples,
+    run_metrics_csvs,
+    version_history,
     write_token_samples,
 )
 
 __all__ = [
     "DRIFT_PANELS",
     "TOKEN_SAMPLE_COLUMNS",
+    "drift_figure",
     "drift_panel_keys",
     "find_metrics_csv",
+    "inferred_reward_range",
+    "join_versions",
     "load_metrics",
+    "load_run_metrics",
     "load_run_strategy",
     "load_token_samples",
+    "logged_widths",
+    "monitor_panels",
+    "monitors_figure",
     "plot_drift_panel",
+    "plot_monitors",
     "plot_reward",
     "plot_weight_vs_shift",
     "render_run",
+    "reward_figure",
+    "run_metrics_csvs",
     "strategy_label",
+    "version_history",
     "weight_chart_title",
+    "weight_vs_shift_figure",
     "write_token_samples",
 ]

@@ -1,7 +1,9 @@
 """A run's files: the metrics a ``CSVLogger`` wrote, the token sample ``DriftPlots`` wrote and
 the strategy the run trained with.
 
-* :func:`find_metrics_csv` / :func:`load_metrics` read ``metrics.csv``;
+* :func:`find_metrics_csv` / :func:`load_metrics` read one ``metrics.csv``;
+  :func:`run_metrics_csvs` / :func:`load_run_metrics` read a whole run, whose resumed parts
+  are the logger's successive ``version_<N>`` directories (joined by :func:`join_versions`);
 * :func:`write_token_samples` / :func:`load_token_samples` write and read
   ``plots/token_samples.csv`` (columns :data:`TOKEN_SAMPLE_COLUMNS`);
 * :func:`load_run_strategy` rebuilds the strategy from ``hparams.yaml`` (or the CLI's
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +30,14 @@ __all__ = [
     "Metrics",
     "Series",
     "find_metrics_csv",
+    "join_versions",
     "load_metrics",
+    "load_run_metrics",
     "load_run_strategy",
     "load_token_samples",
+    "run_metrics_csvs",
     "run_strategy_spec",
+    "version_history",
     "write_token_samples",
 ]
 
@@ -101,6 +107,65 @@ def find_metrics_csv(run_dir: str | Path) -> Path:
             f"no metrics.csv under {path}; a run logs one with lightning's CSVLogger, e.g. "
             f"{path}/csv/version_0/metrics.csv")
     return max(found, key=lambda p: (_version_number(p), p.stat().st_mtime_ns))
+
+
+def version_history(metrics_csv: str | Path) -> list[Path]:
+    """``metrics_csv`` of a ``version_<N>`` directory and the ``metrics.csv`` of every earlier
+    ``version_<M>`` (M < N) beside it, oldest first: the parts of a run that was resumed, since
+    each resume logs to a new version. A file outside a ``version_<N>`` directory is alone."""
+    metrics_csv = Path(metrics_csv)
+    number = _version_number(metrics_csv)
+    if number < 0:
+        return [metrics_csv]
+    earlier = [path for path in metrics_csv.parent.parent.glob("version_*/metrics.csv")
+               if 0 <= _version_number(path) < number]
+    return [*sorted(earlier, key=_version_number), metrics_csv]
+
+
+def run_metrics_csvs(run_dir: str | Path) -> list[Path]:
+    """The ``metrics.csv`` files of a whole run, oldest first.
+
+    ``run_dir`` a run directory (e.g. ``runs/quickstart``): the latest ``version_<N>`` found
+    below it (see :func:`find_metrics_csv`) and its :func:`version_history`. A version
+    directory or a ``metrics.csv`` file: that one alone.
+    """
+    latest = find_metrics_csv(run_dir)
+    given = Path(run_dir)
+    if given.is_file() or given == latest.parent:
+        return [latest]
+    return version_history(latest)
+
+
+def join_versions(parts: Sequence[Metrics]) -> dict[str, Series]:
+    """One run's metrics from the metrics of its versions, oldest first.
+
+    Each version supersedes what earlier versions logged from its first step on: a run resumed
+    from an earlier checkpoint logs those steps again, and its values are the ones the final
+    model comes from (the earlier ones belong to a branch that was abandoned), and a fresh run
+    in the same directory starts at step 0 and so replaces everything. A version that logged
+    nothing changes nothing.
+
+    Example (a run resumed from its step-2 checkpoint after logging steps 0–3)::
+
+        join_versions([{"a": [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]},
+                       {"a": [(2, 5.0), (3, 5.0), (4, 5.0)]}])
+        # {"a": [(0, 1.0), (1, 1.0), (2, 5.0), (3, 5.0), (4, 5.0)]}
+    """
+    joined: dict[str, Series] = {}
+    for part in parts:
+        steps = [step for series in part.values() for step, _ in series]
+        if not steps:
+            continue
+        first = min(steps)
+        joined = {key: [(s, v) for s, v in series if s < first] for key, series in joined.items()}
+        for key, series in part.items():
+            joined.setdefault(key, []).extend(series)
+    return {key: series for key, series in joined.items() if series}
+
+
+def load_run_metrics(run_dir: str | Path) -> dict[str, Series]:
+    """The metrics of a whole run (:func:`run_metrics_csvs`, joined by :func:`join_versions`)."""
+    return join_versions([load_metrics(path) for path in run_metrics_csvs(run_dir)])
 
 
 # --------------------------------------------------------------------- token_samples.csv

@@ -175,7 +175,7 @@ class TrustRegionStrategy(abc.ABC):
                 "anchor='behavior'"
             )
         if not self._inputs_checked:
-            batch.check_finite()
+            batch.check_values()
             self._inputs_checked = True
         mask = batch.bool_mask()
         dtype = torch.promote_types(batch.logp.dtype, torch.float32)

@@ -7,7 +7,20 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["TokenBatch"]
+__all__ = ["LOGP_TOLERANCE", "TokenBatch"]
+
+LOGP_TOLERANCE = 1e-3
+"""How far above 0 a log-prob may lie before it is refused (a probability of e^0.001 ≈ 1.001).
+
+A log-softmax never exceeds 0 in exact arithmetic, and rounding cannot push it above: both
+float32 and bfloat16 round monotonically, so ``logit − logsumexp ≤ 0`` survives them. A small
+positive value can still come from log-probs assembled by different kernels (an inference
+engine's logit and normaliser, an emulated low-precision forward); 1e-3 leaves room for that
+while any real mistake — logits or probabilities passed as log-probs, a sign flipped — lies far
+beyond it."""
+
+_LOGP_FIELDS = ("logp", "behavior_logp", "old_logp", "ref_logp", "topk_logp",
+                "topk_behavior_logp")
 
 
 @dataclass
@@ -20,7 +33,8 @@ class TokenBatch:
         logp: current policy log-prob of each sampled token; carries the gradient.
         behavior_logp: log-prob the behaviour (rollout) policy gave the sampled token.
         advantages: ``[batch]`` (one per response) or ``[batch, time]``; treated as constant.
-        mask: 1/True on response tokens that count, 0/False on prompt and padding.
+        mask: 1/True on response tokens that count, 0/False on prompt and padding: bool, or
+            an integer or float tensor holding only 0 and 1 (a fraction is not a weight).
         old_logp: policy log-prob recomputed without gradient before this round of updates.
         ref_logp: frozen reference-model log-prob (only needed for a reference-KL penalty).
         entropy: policy entropy at each position (only needed for an entropy bonus).
@@ -70,12 +84,26 @@ class TokenBatch:
         return self.mask if self.mask.dtype == torch.bool else self.mask != 0
 
     def validate(self) -> None:
-        """Check shapes and dtypes (no host synchronisation). Raises ``ValueError``."""
+        """Check types, shapes and dtypes (no host synchronisation). Raises ``ValueError``."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            required = field.default is not None
+            if (value is not None or required) and not isinstance(value, Tensor):
+                allowed = "a torch.Tensor" + ("" if required else " or None")
+                raise ValueError(
+                    f"TokenBatch.{field.name} must be {allowed}; got {type(value).__name__} "
+                    "(build it with torch.tensor(...))"
+                )
         if self.logp.dim() != 2:
             raise ValueError(
                 f"TokenBatch.logp must be shaped [batch, time]; got {tuple(self.logp.shape)}"
             )
         shape = tuple(self.logp.shape)
+        if self.logp.numel() == 0:
+            raise ValueError(
+                f"TokenBatch holds no tokens: logp has shape {shape} = [batch, time]; a batch "
+                "needs at least one sequence and one position"
+            )
         for name in ("behavior_logp", "mask", "old_logp", "ref_logp", "entropy"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
@@ -116,6 +144,47 @@ class TokenBatch:
                     f"TokenBatch.topk_behavior_logp has shape {tuple(topk[1].shape)}, "
                     f"but topk_logp has {tuple(topk[0].shape)}; they must match"
                 )
+
+    def check_values(self) -> None:
+        """Check the values that :meth:`validate` cannot see without reading the tensors:
+        finite inputs (:meth:`check_finite`), log-probs ≤ :data:`LOGP_TOLERANCE` and a mask of
+        0 and 1 only. Raises ``ValueError`` naming what is wrong.
+
+        Synchronises with the device, so strategies call it on their first batch only; call it
+        yourself to check every batch. Masked-out positions are ignored.
+        """
+        if self.mask.dtype != torch.bool:
+            mask = self.mask.detach()
+            fractional = (mask != 0) & (mask != 1)
+            count = int(fractional.sum())
+            if count:
+                example = mask[fractional].flatten()[0].item()
+                raise ValueError(
+                    f"TokenBatch.mask must hold only 0 and 1 (or be bool); {count} value(s) are "
+                    f"neither, e.g. {example!r}. A mask selects tokens, it does not weight "
+                    "them: weight tokens through the advantages"
+                )
+        self.check_finite()
+        valid = self.bool_mask()
+        problems = []
+        for name in _LOGP_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = value.detach()
+            where = valid[..., None] if name.startswith("topk_") else valid
+            above = (value > LOGP_TOLERANCE) & where
+            count = int(above.sum())
+            if count:
+                problems.append(f"{name}: {count} value(s) > 0, largest "
+                                f"{float(value[above].max()):.4g}")
+        if problems:
+            raise ValueError(
+                "TokenBatch log-probs must be ≤ 0 (a probability is at most 1; values up to "
+                f"{LOGP_TOLERANCE:g} are allowed for rounding) — " + "; ".join(problems)
+                + ". Pass log-probabilities (log_softmax of the logits, gathered at the "
+                "sampled ids), not logits or probabilities."
+            )
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming every input that holds NaN or inf, with counts.

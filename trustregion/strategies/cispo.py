@@ -17,7 +17,7 @@ from trustregion.strategies.base import (
     TrustRegionStrategy,
 )
 from trustregion.strategies.registry import register_strategy
-from trustregion.strategies.widths import check_width, resolve_side
+from trustregion.strategies.widths import check_inherited_width, check_width, resolve_side
 
 __all__ = ["CISPO"]
 
@@ -38,7 +38,8 @@ class CISPO(TrustRegionStrategy):
     Args:
         epsilon: ε, the half-width of each side not set on its own; inf (default): no bound, so
             by default only the upper side is clipped, as in MiniMax-M1.
-        epsilon_low: ε_low, lower half-width; None (default) inherits ``epsilon``.
+        epsilon_low: ε_low ∈ [0, 1), lower half-width (r > 0, so 1 − ε_low must be > 0 for
+            the lower clip to act); None (default) inherits ``epsilon``.
         epsilon_high: ε_high, upper half-width (default 0.28); None inherits ``epsilon``.
         anchor: "behavior" or "old".
 
@@ -55,8 +56,11 @@ class CISPO(TrustRegionStrategy):
                  epsilon_high: float | None = 0.28, anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
         check_width("epsilon", epsilon, meaning="the weight-clip half-width around ratio 1")
-        check_width("epsilon_low", epsilon_low, inherits="epsilon",
-                    meaning="lower half-width: weights below 1 − ε_low are raised to it")
+        check_width("epsilon_low", epsilon_low, inherits="epsilon", below=1.0,
+                    meaning="lower half-width: weights below 1 − ε_low are raised to it, and "
+                            "r > 0, so ε_low ≥ 1 would never clip")
+        check_inherited_width("epsilon", epsilon, "epsilon_low", epsilon_low, below=1.0,
+                              meaning="weights below 1 − ε_low are raised to it, and r > 0")
         check_width("epsilon_high", epsilon_high, inherits="epsilon",
                     meaning="upper half-width: weights above 1 + ε_high are cut to it")
         self.epsilon = epsilon

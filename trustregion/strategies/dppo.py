@@ -48,7 +48,8 @@ class DivergenceMask(TrustRegionStrategy):
         divergence: one of ``binary_tv``, ``binary_kl``, ``topk_tv``, ``topk_kl``. Top-K needs
             ``TokenBatch.topk_logp`` and ``topk_behavior_logp``.
         delta: δ, the half-width of each side not set on its own; None (default) inherits the
-            divergence's default, 0.15 for TV and 0.05 for KL.
+            divergence's default, 0.15 for TV and 0.05 for KL. A total variation is at most 1,
+            so the TV divergences take δ in (0, 1) (inf: no bound); the KL ones any δ > 0.
         delta_low: δ_low, the half-width for Â < 0 tokens; None (default) inherits ``delta``.
         delta_high: δ_high, the half-width for Â > 0 tokens; None (default) inherits ``delta``.
         importance_weight_cap: C > 0, the cap on the importance weight min(r, C) that scales
@@ -83,12 +84,16 @@ class DivergenceMask(TrustRegionStrategy):
         require(divergence in DIVERGENCES,
                 f"unknown divergence {divergence!r}; allowed: {DIVERGENCES}")
         meaning = f"the trust-region half-width of the {divergence} divergence"
-        check_width("delta", delta, positive=True, meaning=meaning,
+        # a total variation never exceeds 1: a finite δ ≥ 1 would never drop a token
+        below = 1.0 if divergence.endswith("_tv") else None
+        if below is not None:
+            meaning += ", which never exceeds 1"
+        check_width("delta", delta, positive=True, meaning=meaning, below=below,
                     inherits=f"the divergence's default ({DEFAULT_DELTA[divergence]})")
-        check_width("delta_low", delta_low, positive=True, inherits="delta",
-                    meaning=meaning + " for Â < 0 tokens")
-        check_width("delta_high", delta_high, positive=True, inherits="delta",
-                    meaning=meaning + " for Â > 0 tokens")
+        check_width("delta_low", delta_low, positive=True, inherits="delta", below=below,
+                    meaning=meaning + ", for Â < 0 tokens")
+        check_width("delta_high", delta_high, positive=True, inherits="delta", below=below,
+                    meaning=meaning + ", for Â > 0 tokens")
         check_cap("importance_weight_cap", importance_weight_cap, minimum=0.0,
                   off="for no truncation", meaning="C in the importance weight min(r, C)")
         integer_at_least("divergence_top_k", divergence_top_k, 1,

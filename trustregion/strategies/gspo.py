@@ -17,7 +17,7 @@ from trustregion.strategies.base import (
     TrustRegionStrategy,
 )
 from trustregion.strategies.registry import register_strategy
-from trustregion.strategies.widths import check_width, resolve_side
+from trustregion.strategies.widths import check_inherited_width, check_width, resolve_side
 
 __all__ = ["GSPO"]
 
@@ -37,7 +37,8 @@ class GSPO(TrustRegionStrategy):
     Args:
         epsilon: ε, the half-width of s on each side not set on its own (default 3e-4, the
             paper's lower value).
-        epsilon_low: ε_low, lower half-width of s; None (default) inherits ``epsilon``.
+        epsilon_low: ε_low ∈ [0, 1), lower half-width of s (s > 0, so 1 − ε_low must be > 0
+            for the lower clip to act); None (default) inherits ``epsilon``.
         epsilon_high: ε_high, upper half-width of s (default 4e-4); None inherits ``epsilon``.
         anchor: "behavior" or "old".
 
@@ -53,8 +54,11 @@ class GSPO(TrustRegionStrategy):
                  epsilon_high: float | None = 4e-4, anchor: Anchor = "behavior") -> None:
         super().__init__(anchor=anchor)
         check_width("epsilon", epsilon, meaning="the clip half-width of the sequence ratio s")
-        check_width("epsilon_low", epsilon_low, inherits="epsilon",
-                    meaning="lower half-width: the region starts at s = 1 − ε_low")
+        check_width("epsilon_low", epsilon_low, inherits="epsilon", below=1.0,
+                    meaning="lower half-width: the region starts at s = 1 − ε_low, and s > 0, "
+                            "so ε_low ≥ 1 would never clip")
+        check_inherited_width("epsilon", epsilon, "epsilon_low", epsilon_low, below=1.0,
+                              meaning="the region starts at s = 1 − ε_low, and s > 0")
         check_width("epsilon_high", epsilon_high, inherits="epsilon",
                     meaning="upper half-width: the region ends at s = 1 + ε_high")
         self.epsilon = epsilon

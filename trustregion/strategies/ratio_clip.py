@@ -17,7 +17,12 @@ from trustregion.strategies.base import (
     TrustRegionStrategy,
 )
 from trustregion.strategies.registry import register_strategy
-from trustregion.strategies.widths import check_cap, check_width, resolve_side
+from trustregion.strategies.widths import (
+    check_cap,
+    check_inherited_width,
+    check_width,
+    resolve_side,
+)
 
 __all__ = ["RatioClip"]
 
@@ -36,7 +41,8 @@ class RatioClip(TrustRegionStrategy):
 
     Args:
         epsilon: ε ≥ 0, the clip half-width of each side not set on its own (PPO/GRPO: 0.2).
-        epsilon_low: ε_low, lower half-width; None (default) inherits ``epsilon``.
+        epsilon_low: ε_low ∈ [0, 1), lower half-width (r > 0, so 1 − ε_low must be > 0 for the
+            lower clip to act); None (default) inherits ``epsilon`` (which must then be < 1).
         epsilon_high: ε_high, upper half-width; None (default) inherits ``epsilon``
             (DAPO clip-higher: 0.28).
         dual_clip_cap: c > 1, the cap on the ratio of negative-advantage tokens: beyond it their
@@ -68,8 +74,11 @@ class RatioClip(TrustRegionStrategy):
     ) -> None:
         super().__init__(anchor=anchor)
         check_width("epsilon", epsilon, meaning="the clip half-width around ratio 1")
-        check_width("epsilon_low", epsilon_low, inherits="epsilon",
-                    meaning="the lower clip half-width: the region starts at r = 1 − ε_low")
+        check_width("epsilon_low", epsilon_low, inherits="epsilon", below=1.0,
+                    meaning="the lower clip half-width: the region starts at r = 1 − ε_low, "
+                            "and r > 0, so ε_low ≥ 1 would never clip")
+        check_inherited_width("epsilon", epsilon, "epsilon_low", epsilon_low, below=1.0,
+                              meaning="the region starts at r = 1 − ε_low, and r > 0")
         check_width("epsilon_high", epsilon_high, inherits="epsilon",
                     meaning="the upper clip half-width: the region ends at r = 1 + ε_high")
         check_cap("dual_clip_cap", dual_clip_cap, minimum=1.0, off="to turn the dual clip off",

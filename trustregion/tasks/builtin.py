@@ -19,6 +19,11 @@ exactly. Chat models restate the question before answering (``"12 + 7 = 19"``), 
 prompts score the last number, digit string or alphabet string on the answer line
 (:func:`~trustregion.tasks.rewards.final_answer`). ``partial_credit=True`` scores the fraction
 of correct leading characters of that answer instead of 0/1.
+
+Each holds out ``validation_fraction`` (default 1/8) of its possible prompts for evaluation:
+training batches never contain them (see :mod:`trustregion.tasks.base`). Which problems are
+held out depends only on the problem (its compact prompt), so both prompt styles hold out the
+same ones.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
-from trustregion.tasks.base import Task
+from trustregion.tasks.base import Task, validation_share
 from trustregion.tasks.example import Example
 from trustregion.tasks.jsonl import JsonlTask
 from trustregion.tasks.rewards import (
@@ -39,9 +44,16 @@ from trustregion.tasks.rewards import (
     prefix_credit,
     prefix_match,
 )
-from trustregion.validation import boolean, integer_at_least, non_empty_string, one_of, require
+from trustregion.validation import (
+    boolean,
+    integer_at_least,
+    non_empty_string,
+    one_of,
+    require,
+)
 
 __all__ = [
+    "DEFAULT_VALIDATION_FRACTION",
     "PROMPT_STYLES",
     "TASKS",
     "Arithmetic",
@@ -54,6 +66,9 @@ __all__ = [
 OPERATIONS: tuple[str, ...] = ("+", "-", "*")
 PromptStyle = Literal["compact", "instruction"]
 PROMPT_STYLES: tuple[PromptStyle, ...] = get_args(PromptStyle)
+DEFAULT_VALIDATION_FRACTION = 0.125
+"""Share of a built-in task's prompts held out for evaluation unless set otherwise."""
+
 
 
 def _ordered_pair(low_name: str, low: object, high_name: str, high: object, minimum: int
@@ -105,6 +120,7 @@ class Arithmetic(_AnswerTask):
         partial_credit: reward the fraction of correct leading characters instead of 0/1.
         prompt_style: ``"compact"`` (``12+7=``) or ``"instruction"`` (``What is 12 + 7? Reply
             with the number only.``, scored on the last integer of the answer line).
+        validation_fraction: share of the possible prompts held out for evaluation, in [0, 1).
     """
 
     name = "arithmetic"
@@ -117,6 +133,7 @@ class Arithmetic(_AnswerTask):
         operations: Sequence[str] = ("+", "-"),
         partial_credit: bool = False,
         prompt_style: PromptStyle = "compact",
+        validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     ) -> None:
         self.min_value, self.max_value = _ordered_pair("min_value", min_value,
                                                        "max_value", max_value, 0)
@@ -131,6 +148,7 @@ class Arithmetic(_AnswerTask):
         self.operations = ops
         self.partial_credit = boolean("partial_credit", partial_credit)
         self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
+        self.validation_fraction = validation_share(validation_fraction)
 
     def sample(self, rng: random.Random) -> Example:
         a = rng.randint(self.min_value, self.max_value)
@@ -140,6 +158,11 @@ class Arithmetic(_AnswerTask):
         prompt = (f"{a}{op}{b}=" if self.prompt_style == "compact"
                   else f"What is {a} {op} {b}? Reply with the number only.")
         return Example(prompt=prompt, answer=str(value), meta={"a": a, "b": b, "op": op})
+
+    def split_key(self, example: Example) -> str:
+        """The compact prompt, whatever the style."""
+        meta = example.meta
+        return f"{meta['a']}{meta['op']}{meta['b']}="
 
 
 class DigitSort(_AnswerTask):
@@ -153,16 +176,19 @@ class DigitSort(_AnswerTask):
         prompt_style: ``"compact"`` (``sort:312=``) or ``"instruction"`` (``Sort the digits 312
             in ascending order. Reply with the sorted digits only.``, scored on the last digit
             string of the answer line).
+        validation_fraction: share of the possible prompts held out for evaluation, in [0, 1).
     """
 
     name = "digit_sort"
     answer_pattern = r"\d+"
 
     def __init__(self, min_len: int = 3, max_len: int = 5, partial_credit: bool = False,
-                 prompt_style: PromptStyle = "compact") -> None:
+                 prompt_style: PromptStyle = "compact",
+                 validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> None:
         self.min_len, self.max_len = _ordered_pair("min_len", min_len, "max_len", max_len, 1)
         self.partial_credit = boolean("partial_credit", partial_credit)
         self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
+        self.validation_fraction = validation_share(validation_fraction)
 
     def sample(self, rng: random.Random) -> Example:
         length = rng.randint(self.min_len, self.max_len)
@@ -171,6 +197,11 @@ class DigitSort(_AnswerTask):
                   f"Sort the digits {digits} in ascending order. Reply with the sorted digits "
                   "only.")
         return Example(prompt=prompt, answer="".join(sorted(digits)))
+
+    def split_key(self, example: Example) -> str:
+        """The compact prompt, whatever the style."""
+        match = re.search(r"\d+", example.prompt)
+        return f"sort:{match.group() if match else example.prompt}="
 
 
 class Reverse(_AnswerTask):
@@ -184,6 +215,7 @@ class Reverse(_AnswerTask):
         prompt_style: ``"compact"`` (``rev:abc=``) or ``"instruction"`` (``Reverse the string
             abc. Reply with the reversed string only.``, scored on the last run of alphabet
             characters on the answer line).
+        validation_fraction: share of the possible prompts held out for evaluation, in [0, 1).
     """
 
     name = "reverse"
@@ -195,6 +227,7 @@ class Reverse(_AnswerTask):
         alphabet: str = "abcde",
         partial_credit: bool = False,
         prompt_style: PromptStyle = "compact",
+        validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     ) -> None:
         self.min_len, self.max_len = _ordered_pair("min_len", min_len, "max_len", max_len, 1)
         self.alphabet = non_empty_string("alphabet", alphabet)
@@ -205,6 +238,7 @@ class Reverse(_AnswerTask):
                 f"alphabet characters must be distinct; got {alphabet!r}")
         self.partial_credit = boolean("partial_credit", partial_credit)
         self.prompt_style = one_of("prompt_style", prompt_style, PROMPT_STYLES)
+        self.validation_fraction = validation_share(validation_fraction)
 
     @property
     def answer_pattern(self) -> str:
@@ -216,6 +250,10 @@ class Reverse(_AnswerTask):
         prompt = (f"rev:{text}=" if self.prompt_style == "compact" else
                   f"Reverse the string {text}. Reply with the reversed string only.")
         return Example(prompt=prompt, answer=text[::-1])
+
+    def split_key(self, example: Example) -> str:
+        """The compact prompt, whatever the style."""
+        return f"rev:{example.answer[::-1]}="
 
 
 TASKS: dict[str, type[Task]] = {

@@ -1,8 +1,8 @@
 """A task read from a JSON Lines file of prompts and answers.
 
-Each non-blank line is a JSON object; two of its keys hold the prompt and the answer (names set
-by ``prompt_key`` / ``answer_key``), every other key is kept in :attr:`Example.meta` for custom
-reward functions::
+The file is UTF-8 (a byte-order mark at its start is skipped). Each non-blank line is a JSON
+object; two of its keys hold the prompt and the answer (names set by ``prompt_key`` /
+``answer_key``), every other key is kept in :attr:`Example.meta` for custom reward functions::
 
     {"prompt": "What is 2+3? ", "answer": "5", "difficulty": 1}
 """
@@ -14,12 +14,15 @@ import random
 from pathlib import Path
 from typing import Any
 
-from trustregion.tasks.base import Task
+from trustregion.tasks.base import SPLITS, Split, Task, validation_share
 from trustregion.tasks.example import Example
 from trustregion.tasks.rewards import RewardFn, exact_match, load_reward_fn
-from trustregion.validation import non_empty_string, require
+from trustregion.validation import non_empty_string, one_of, require
 
-__all__ = ["JsonlTask", "load_jsonl_examples"]
+__all__ = ["UTF8_BOM", "JsonlTask", "load_jsonl_examples"]
+
+UTF8_BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some editors write at the start of a file; it is skipped."""
 
 
 def load_jsonl_examples(
@@ -31,19 +34,21 @@ def load_jsonl_examples(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a line is not valid JSON or not an object, a key is missing, a value has the
-            wrong type, or the file holds no examples; the message gives the line number.
+        ValueError: a line is not valid UTF-8, not valid JSON or not an object, a key is
+            missing, a value has the wrong type, a prompt is empty (or only whitespace), or the
+            file holds no examples; the message gives the file and line number.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise FileNotFoundError(f"JSONL task file {what}: {path}")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            line = _decode_line(raw.removeprefix(UTF8_BOM) if number == 1 else raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -67,6 +72,9 @@ def load_jsonl_examples(
                 raise ValueError(
                     f"{where}: {prompt_key!r} must be a string; got {type(prompt).__name__}"
                 )
+            if not prompt.strip():
+                raise ValueError(f"{where}: {prompt_key!r} is empty ({prompt!r}); every prompt "
+                                 "needs text to complete")
             if isinstance(answer, (int, float)) and not isinstance(answer, bool):
                 answer = str(answer)
             if not isinstance(answer, str):
@@ -81,6 +89,19 @@ def load_jsonl_examples(
     return examples
 
 
+def _decode_line(raw: bytes, where: str) -> str:
+    """``raw`` as UTF-8 text; a ValueError naming ``where``, the byte and its column if not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # the bytes before err.start decode, so the column counts characters like JSON's
+        column = len(raw[:err.start].decode("utf-8")) + 1
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); save "
+            "the file as UTF-8"
+        ) from err
+
+
 class JsonlTask(Task):
     """Prompts and answers from a JSON Lines file, drawn uniformly with replacement.
 
@@ -91,6 +112,13 @@ class JsonlTask(Task):
         reward_fn: import path of a custom reward function, ``"package.module:function"`` or
             ``"package.module.function"``, called as ``fn(completions, examples)``; exact match
             of the extracted answer when not given.
+        validation_path: a second JSONL file (same keys) of held-out examples for evaluation;
+            it may share no prompt with ``path``.
+        validation_fraction: instead of ``validation_path``, hold out this share of ``path``'s
+            prompts, in [0, 1), chosen by :func:`~trustregion.tasks.base.held_out_score` of each
+            prompt (so the same lines whatever the seed, and repeated prompts stay together);
+            the share of a small file is close to, not exactly, the fraction. 0 (the default)
+            with no ``validation_path`` trains on every line and holds nothing out.
     """
 
     name = "jsonl"
@@ -101,6 +129,8 @@ class JsonlTask(Task):
         prompt_key: str = "prompt",
         answer_key: str = "answer",
         reward_fn: str | None = None,
+        validation_path: str | Path | None = None,
+        validation_fraction: float = 0.0,
     ) -> None:
         self.prompt_key = non_empty_string("prompt_key", prompt_key)
         self.answer_key = non_empty_string("answer_key", answer_key)
@@ -112,14 +142,68 @@ class JsonlTask(Task):
         self._reward_function: RewardFn = (
             load_reward_fn(reward_fn) if reward_fn is not None else exact_match
         )
-        self.data = load_jsonl_examples(self.path, self.prompt_key, self.answer_key)
+        self.validation_fraction = validation_share(validation_fraction)
+        require(validation_path is None or self.validation_fraction == 0,
+                f"give validation_path or validation_fraction, not both; got validation_path="
+                f"{str(validation_path)!r} and validation_fraction={validation_fraction}")
+        self.validation_path = (Path(validation_path).expanduser()
+                                if validation_path is not None else None)
+        loaded = load_jsonl_examples(self.path, self.prompt_key, self.answer_key)
         self.name = self.path.stem
+        self.data, self.held_out = self._split(loaded)
+
+    def _split(self, loaded: list[Example]) -> tuple[list[Example], list[Example]]:
+        """The training and held-out examples."""
+        if self.validation_path is not None:
+            held_out = load_jsonl_examples(self.validation_path, self.prompt_key,
+                                           self.answer_key)
+            self._held_out_prompts = {ex.prompt for ex in held_out}
+            shared = [ex.prompt for ex in loaded if ex.prompt in self._held_out_prompts]
+            if shared:
+                raise ValueError(f"{len(set(shared))} prompt(s) of {self.validation_path} are "
+                                 f"also in {self.path} (e.g. {shared[0]!r}); held-out prompts "
+                                 "must not be trained on: remove them from one of the files")
+            return loaded, held_out
+        self._held_out_prompts = set()
+        train = [ex for ex in loaded if self.split_of(ex) == "train"]
+        held_out = [ex for ex in loaded if self.split_of(ex) == "validation"]
+        if self.validation_fraction > 0:
+            require(bool(train), f"validation_fraction={self.validation_fraction} held out "
+                                 f"every one of the {len(loaded)} examples of {self.path}; "
+                                 "lower it")
+            require(bool(held_out), f"validation_fraction={self.validation_fraction} held out "
+                                    f"none of the {len(loaded)} examples of {self.path}; "
+                                    "raise it or give a validation_path")
+        return train, held_out
 
     def __len__(self) -> int:
         return len(self.data)
 
     def sample(self, rng: random.Random) -> Example:
         return self.data[rng.randrange(len(self.data))]
+
+    def split_of(self, example: Example) -> Split:
+        if self.validation_path is not None:
+            return "validation" if example.prompt in self._held_out_prompts else "train"
+        return super().split_of(example)
+
+    def draw(self, rng: random.Random, split: Split = "train") -> Example:
+        one_of("split", split, SPLITS)
+        pool = self.data if split == "train" else self._require_held_out()
+        return pool[rng.randrange(len(pool))]
+
+    def validation_examples(self, n: int) -> list[Example]:
+        """The first ``n`` held-out examples, in file order."""
+        held_out = self._require_held_out()
+        require(n <= len(held_out), f"the held-out split of {self.name} holds "
+                                    f"{len(held_out)} examples, fewer than the {n} asked for")
+        return held_out[:n]
+
+    def _require_held_out(self) -> list[Example]:
+        require(bool(self.held_out), f"the JSONL task {self.path} holds no examples out for "
+                                     "validation; set validation_path (a separate file) or "
+                                     "validation_fraction")
+        return self.held_out
 
     def all_examples(self) -> list[Example]:
         return self.data
@@ -134,4 +218,7 @@ class JsonlTask(Task):
             "prompt_key": self.prompt_key,
             "answer_key": self.answer_key,
             "reward_fn": self.reward_fn,
+            "validation_path": (str(self.validation_path) if self.validation_path is not None
+                                else None),
+            "validation_fraction": self.validation_fraction,
         }
