@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -552,7 +553,8 @@ def test_the_reward_band_stays_within_the_rewards_range() -> None:
 
 
 def test_chi2_is_never_drawn_below_zero() -> None:
-    # E[r²] − 1 over sampled tokens is negative when the tokens' mean ratio is below 1
+    # logs of older versions estimated χ² as E[r²] − 1, negative when the tokens' mean ratio is
+    # below 1
     fig = drift_figure({"drift/behavior/chi2": [(0, 0.004), (1, -0.002), (2, 0.001)]})
     ax = _axis(fig, "χ² divergence")
     (line,) = ax.lines
@@ -560,6 +562,16 @@ def test_chi2_is_never_drawn_below_zero() -> None:
     assert ax.get_ylim()[0] == 0.0
     notes = [text.get_text() for text in ax.texts]
     assert "1 of 3 estimates below 0 (lowest -0.002) drawn at 0" in notes
+
+
+def test_a_wide_positive_chi2_is_drawn_on_a_log_axis_without_a_warning() -> None:
+    # 1e-5 … 3: a range over 100×, all positive: log scale, where a floor of 0 cannot be set
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = drift_figure({"drift/behavior/chi2": [(0, 1e-5), (1, 3.0), (2, 1e-3)]})
+    ax = _axis(fig, "χ² divergence")
+    assert ax.get_yscale() == "log"
+    assert ax.get_ylim()[0] > 0
 
 
 MONITORED = {

@@ -245,7 +245,8 @@ def draw_panel(ax: Axes, panel: Panel, data: PanelData, metrics: Metrics | None 
     elif not (panel.fraction or panel.unit):
         _clip_outliers(ax, shown)
     if panel.nonnegative:
-        ax.set_ylim(bottom=0.0)
+        if ax.get_yscale() != "log":  # a log axis shows only positive values anyway
+            ax.set_ylim(bottom=0.0)
         negative = everything[everything < 0]
         if len(negative):
             _corner_note(ax, f"{len(negative)} of {len(everything)} estimates below 0 "
