@@ -456,3 +456,54 @@ def test_the_command_answers_a_corrupt_checkpoint_with_one_message(
     assert str(good) in line
     for wording in ("central directory", "EOFError", "weights_only", "Traceback"):
         assert wording not in line
+
+
+def test_two_damaged_checkpoints_still_give_the_clear_error(tmp_path) -> None:
+    # each damaged file's error lists the files that verify; looking at the other damaged one
+    # must not raise (and so recurse) in turn. Both of these fail their check outright: an
+    # empty file, and one with flipped bytes under an intact checksum record.
+    older, newer = _two_checkpoints(tmp_path)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    data = bytearray(newer.read_bytes())
+    data[100:164] = bytes(b ^ 0xFF for b in data[100:164])
+    newer.write_bytes(bytes(data))
+    for damaged in (empty, newer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(CorruptCheckpointError) as info:
+                read_checkpoint(damaged)
+        assert info.value.alternatives == [older]
+    with pytest.raises(FileNotFoundError, match=rf"verified checkpoints in {tmp_path}: {older}$"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("last", "trustregion fit writes last.ckpt into the run's checkpoints directory"),
+    ("nowhere/last.ckpt", "checkpoint nowhere/last.ckpt does not exist"),
+])
+def test_a_ckpt_path_that_names_no_file_is_refused_before_the_run(
+        tmp_path, random_model_dir, capsys, given, says) -> None:
+    path = _cli_config(tmp_path, random_model_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), f"--ckpt_path={given}"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("trustregion: ") and says in line
+    assert not (tmp_path / "config.yaml.bak").exists() and not list(tmp_path.glob("version_*"))
+
+
+class SignalAtTrainEnd(L.Callback):
+    """Sends the process SIGTERM once training has run its last batch (Lightning runs this
+    before the checkpoint callback's own on_train_end)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_batch_leaves_a_finished_run(tmp_path) -> None:
+    callback = RolloutCheckpoint(every_n_rollouts=100)
+    directory = _fit(tmp_path, 3, callback, extra=[SignalAtTrainEnd()])
+    # the run finished all 3 rollout batches: it is saved as usual, and not reported stopped
+    assert _names(directory) == ["last.ckpt", "rollout=000003.ckpt"]
+    assert callback.interruption is None

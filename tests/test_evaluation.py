@@ -161,7 +161,11 @@ def test_batches_and_rank_shares_cover_every_prompt_once() -> None:
      r"needs trainer.check_val_every_n_epoch: null"),
     (EvaluationSettings(), {"val_check_interval": 5, "check_val_every_n_epoch": None,
                             "limit_val_batches": 0.5},
-     r"leave trainer.limit_val_batches at 1.0 and set evaluation.prompts instead; got 0.5"),
+     r"leave trainer.limit_val_batches at 1.0 \(the integer 1 would mean one batch\) and set "
+     r"evaluation.prompts instead; got 0.5"),
+    (EvaluationSettings(), {"val_check_interval": 5, "check_val_every_n_epoch": None,
+                            "limit_val_batches": 1},  # Lightning: one batch, not all
+     r"leave trainer.limit_val_batches at 1.0 .*; got 1$"),
     (None, {"val_check_interval": 5, "check_val_every_n_epoch": None},
      r"trainer.val_check_interval=5 asks for evaluation, but model.evaluation is null"),
 ])
@@ -239,6 +243,26 @@ def test_validate_without_evaluation_settings_is_refused(random_model_dir) -> No
     with pytest.raises(ValueError, match=r"validating needs evaluation settings: set "
                                          r"model.evaluation"):
         trainer.validate(_module(random_model_dir))
+
+
+@pytest.mark.parametrize("limit", [0.25, 1])
+def test_validate_scores_every_prompt_or_refuses(random_model_dir, limit) -> None:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=limit)
+    with pytest.raises(ValueError, match=rf"leave trainer.limit_val_batches at 1.0 .*; got "
+                                         rf"{limit}$"):
+        trainer.validate(_module(random_model_dir, evaluation=EvaluationSettings(prompts=4)))
+
+
+def test_the_evaluations_own_max_new_tokens_must_fit_the_context(random_model_dir) -> None:
+    # the tiny model's context is 64 tokens; an arithmetic prompt such as "12+7=" is at least 4,
+    # so 4 + 61 > 64 whatever the prompts, while training's max_new_tokens (4) fits
+    module = _module(random_model_dir,
+                     evaluation=EvaluationSettings(prompts=4, max_new_tokens=61))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"plus max_new_tokens=61 exceeds the model's context "
+                                         r"of 64 tokens"):
+        trainer.validate(module)
 
 
 def test_a_task_without_a_held_out_split_fails_at_construction(random_model_dir) -> None:

@@ -407,10 +407,10 @@ def test_prompt_length_counts_the_chat_template(templated_model_dir) -> None:
                                chat_template=True, batching=BATCHING,
                                sampling=_sampling(max_new_tokens=45))
     with pytest.raises(ValueError, match=r"with the chat template plus max_new_tokens=45"):
-        module._check_prompt_lengths(["12+7="])
+        module._check_prompt_lengths(["12+7="], 45)
     plain = TrustRegionModule(policy=f"config:{templated_model_dir}", task=DigitRichArithmetic(),
                               batching=BATCHING, sampling=_sampling(max_new_tokens=45))
-    plain._check_prompt_lengths(["12+7="])  # 5 + 45 ≤ 64: accepted
+    plain._check_prompt_lengths(["12+7="], 45)  # 5 + 45 ≤ 64: accepted
 
 
 def test_chat_template_without_a_template_fails_at_construction(random_model_dir) -> None:

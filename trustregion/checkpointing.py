@@ -94,9 +94,28 @@ def recorded_digest(path: str | Path) -> str | None:
     Raises :class:`CorruptCheckpointError` when the file is empty or its checksum record is
     damaged."""
     path = Path(path)
+    digest, problem = _recorded(path)
+    if problem is not None:
+        raise _corrupt(path, problem)
+    return digest
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """True when the checkpoint at ``path`` matches its recorded checksum; False when it has
+    none to check. Raises :class:`CorruptCheckpointError` on a mismatch or an empty file, and
+    ``FileNotFoundError`` when there is no such file."""
+    path = Path(path)
+    verified, problem = _verified(path)
+    if problem is not None:
+        raise _corrupt(path, problem)
+    return verified
+
+
+def _recorded(path: Path) -> tuple[str | None, str | None]:
+    """(the recorded SHA-256 or None, what is wrong with the file's record or None)."""
     size = path.stat().st_size
     if size == 0:
-        raise _corrupt(path, "the file is empty (0 bytes; its write never happened)")
+        return None, "the file is empty (0 bytes; its write never happened)"
     with path.open("rb") as file:
         file.seek(max(size - _TRAILER_SIZE - 64, 0))
         tail = file.read()
@@ -106,26 +125,24 @@ def recorded_digest(path: str | Path) -> str | None:
             and trailer[22:].startswith(_MAGIC)):
         digest = trailer[22 + len(_MAGIC):].decode("ascii", errors="replace")
         if all(c in "0123456789abcdef" for c in digest):
-            return digest
+            return digest, None
     if _MAGIC in tail:
-        raise _corrupt(path, "its checksum record is damaged")
-    return None
+        return None, "its checksum record is damaged"
+    return None, None
 
 
-def verify_checkpoint(path: str | Path) -> bool:
-    """True when the checkpoint at ``path`` matches its recorded checksum; False when it has
-    none to check. Raises :class:`CorruptCheckpointError` on a mismatch or an empty file, and
-    ``FileNotFoundError`` when there is no such file."""
-    path = Path(path)
-    expected = recorded_digest(path)
+def _verified(path: Path) -> tuple[bool, str | None]:
+    """(whether the file matches a recorded checksum, what is wrong with it or None); never
+    raises for a damaged file, so that looking for alternatives cannot recurse."""
+    expected, problem = _recorded(path)
     if expected is None:
-        return False
+        return False, problem
     actual = _sha256(path, path.stat().st_size - _COMMENT_LENGTH - 2)
     if actual != expected:
-        raise _corrupt(path, f"its contents do not match the checksum recorded when it was "
-                             f"written (SHA-256 {actual[:12]}… instead of {expected[:12]}…): "
-                             f"it was altered or damaged after saving")
-    return True
+        return False, (f"its contents do not match the checksum recorded when it was written "
+                       f"(SHA-256 {actual[:12]}… instead of {expected[:12]}…): it was "
+                       f"altered or damaged after saving")
+    return True, None
 
 
 def verified_checkpoints(directory: str | Path, *, exclude: Path | None = None) -> list[Path]:
@@ -140,9 +157,9 @@ def verified_checkpoints(directory: str | Path, *, exclude: Path | None = None) 
                 exclude is not None and candidate.resolve() == exclude.resolve()):
             continue
         try:
-            if verify_checkpoint(candidate):
+            if _verified(candidate)[0]:
                 found.append(candidate)
-        except (OSError, CorruptCheckpointError):
+        except OSError:
             continue
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
@@ -175,6 +192,8 @@ def read_checkpoint(path: str | Path, *, map_location: Any = "cpu",
         raise _corrupt(path, f"it cannot be unpickled ({type(err).__name__}: "
                              f"{_first_line(err)})") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        if verified:  # the file is intact: the failure is elsewhere (e.g. map_location)
+            raise
         # the archive reader's own words ("failed finding central directory", ...) stay in
         # the chained exception; the message says what they mean
         raise _corrupt(path, "it is not a complete checkpoint archive (cut short, e.g. by a "

@@ -46,6 +46,7 @@ __all__ = [
     "ValidationBatch",
     "ValidationBatches",
     "batch_seed",
+    "check_every_prompt_scored",
     "check_schedule",
     "evaluate",
     "evaluate_examples",
@@ -345,7 +346,13 @@ def check_schedule(settings: EvaluationSettings | None, *, val_check_interval: o
             f"model.evaluation needs trainer.check_val_every_n_epoch: null, so that "
             f"val_check_interval counts rollout batches over the whole run; got "
             f"{check_val_every_n_epoch!r}")
-    require(limit_val_batches == 1.0 and not isinstance(limit_val_batches, bool),
+    check_every_prompt_scored(limit_val_batches)
+
+
+def check_every_prompt_scored(limit_val_batches: object) -> None:
+    """Refuse a ``trainer.limit_val_batches`` other than 1.0 (all batches): an evaluation scores
+    all of its ``evaluation.prompts``. (The integer 1 means one batch to Lightning.)"""
+    require(type(limit_val_batches) is float and limit_val_batches == 1.0,
             f"model.evaluation scores every one of its evaluation.prompts; leave "
-            f"trainer.limit_val_batches at 1.0 and set evaluation.prompts instead; got "
-            f"{limit_val_batches!r}")
+            f"trainer.limit_val_batches at 1.0 (the integer 1 would mean one batch) and set "
+            f"evaluation.prompts instead; got {limit_val_batches!r}")

@@ -47,6 +47,7 @@ from trustregion.evaluation import (
     ValidationBatch,
     ValidationBatches,
     batch_seed,
+    check_every_prompt_scored,
     check_schedule,
     evaluate_examples,
     rank_share,
@@ -375,9 +376,11 @@ class TrustRegionModule(L.LightningModule):
                            val_check_interval=self.trainer.val_check_interval,
                            check_val_every_n_epoch=self.trainer.check_val_every_n_epoch,
                            limit_val_batches=self.trainer.limit_val_batches)
-        if stage == "validate" and self.evaluation is None:
-            raise ValueError("validating needs evaluation settings: set model.evaluation "
-                             "(for example {prompts: 64}); see docs/evaluation.md")
+        if stage == "validate":
+            if self.evaluation is None:
+                raise ValueError("validating needs evaluation settings: set model.evaluation "
+                                 "(for example {prompts: 64}); see docs/evaluation.md")
+            check_every_prompt_scored(self.trainer.limit_val_batches)
 
     def on_train_start(self) -> None:
         # Lightning restores the optimiser and scheduler before this hook, with the settings
@@ -431,8 +434,14 @@ class TrustRegionModule(L.LightningModule):
                                                       r"across ranks is zero")
             return ValidationBatches([])
         self._check_prompts([ex.prompt for ex in self.validation_examples],
-                            source=f"the held-out examples of task {self.task.name!r}")
+                            source=f"the held-out examples of task {self.task.name!r}",
+                            max_new_tokens=self._evaluation_max_new_tokens)
         return validation_batches(self.validation_examples, self.evaluation.batch_size)
+
+    @property
+    def _evaluation_max_new_tokens(self) -> int:
+        assert self.evaluation is not None
+        return self.evaluation.max_new_tokens or self.sampling.max_new_tokens
 
     def on_validation_epoch_start(self) -> None:
         assert self.evaluation is not None
@@ -445,7 +454,7 @@ class TrustRegionModule(L.LightningModule):
         evaluate_examples(
             self.policy, self.tokenizer, self.task, rank_share(batch.examples, rank, world),
             self.evaluation, self._evaluation_totals,
-            max_new_tokens=self.evaluation.max_new_tokens or self.sampling.max_new_tokens,
+            max_new_tokens=self._evaluation_max_new_tokens,
             seed=batch_seed(self.seed, batch.index, rank), chat_template=self.chat_template)
 
     def on_validation_epoch_end(self) -> None:
@@ -672,7 +681,8 @@ class TrustRegionModule(L.LightningModule):
         self.steps_since_sync = 0
 
     # -------------------------------------------------------------------------- helpers
-    def _check_prompts(self, prompts: list[str], *, source: str) -> None:
+    def _check_prompts(self, prompts: list[str], *, source: str,
+                       max_new_tokens: int | None = None) -> None:
         """Refuse empty prompts and prompts too long for the context; warn, once per run, of
         prompts holding text the tokenizer encodes as its unknown token
         (:mod:`trustregion.prompt_checks`). ``source`` names the prompts in messages."""
@@ -682,9 +692,9 @@ class TrustRegionModule(L.LightningModule):
             if unknown is not None:
                 rank_zero_warn(unknown.message(source, str(self.tokenizer.unk_token)))
                 self._unknown_tokens_reported = True
-        self._check_prompt_lengths(prompts)
+        self._check_prompt_lengths(prompts, max_new_tokens or self.sampling.max_new_tokens)
 
-    def _check_prompt_lengths(self, prompts: list[str]) -> None:
+    def _check_prompt_lengths(self, prompts: list[str], max_new_tokens: int) -> None:
         """Refuse prompts that leave no room for ``max_new_tokens`` in the policy's context,
         counting tokens as the rollout encodes them (chat template included)."""
         context = getattr(self.policy.config, "max_position_embeddings", None)
@@ -692,11 +702,11 @@ class TrustRegionModule(L.LightningModule):
             return
         lengths = prompt_lengths(self.tokenizer, prompts, chat_template=self.chat_template)
         longest = max(range(len(prompts)), key=lengths.__getitem__)
-        if lengths[longest] + self.sampling.max_new_tokens > context:
+        if lengths[longest] + max_new_tokens > context:
             template = " with the chat template" if self.chat_template else ""
             raise ValueError(
                 f"a prompt of {lengths[longest]} tokens{template} plus max_new_tokens="
-                f"{self.sampling.max_new_tokens} exceeds the model's context of {context} "
+                f"{max_new_tokens} exceeds the model's context of {context} "
                 f"tokens ({prompts[longest][:60]!r}...); shorten the prompts or lower "
                 "max_new_tokens")
 

@@ -341,9 +341,22 @@ def check_resume(parser: Any, config: Any) -> Resume | None:
     if not subcommand:
         return None
     path = config[subcommand].get("ckpt_path")
-    if not path or not Path(path).is_file():
+    if not path:
         return None
-    checkpoint = read_checkpoint(path)
+    if not Path(path).is_file():
+        if "://" in str(path):  # remote: read by the trainer's checkpoint I/O, unchecked here
+            return None
+        if str(path) in ("last", "best", "hpc", "registry"):
+            raise ResumeRefused(
+                f"--ckpt_path {path}: trustregion fit writes last.ckpt into the run's "
+                "checkpoints directory (<log_dir>/checkpoints, e.g. runs/quickstart/csv/"
+                "version_0/checkpoints/last.ckpt); give that file's path")
+        try:
+            read_checkpoint(path)  # says which verified checkpoints its directory holds
+        except FileNotFoundError as missing:
+            raise ResumeRefused(str(missing)) from None
+    # the hyperparameters and recorded config are plain values: no arbitrary unpickling
+    checkpoint = read_checkpoint(path, weights_only=True)
     hparams = _settings(checkpoint.get("hyper_parameters") or {})
     given_model = copy.deepcopy(config[subcommand]["model"])
     given = _dump(parser, config, subcommand)

@@ -584,3 +584,28 @@ def test_quickstart_guard_is_escalate_and_lr_10_never_ends_quietly_collapsed(
     else:
         recovered = sum(rewards[-5:]) / 5
         assert recovered >= 0.8 * rewards[0], f"exited 0 with a collapsed model: {rewards}"
+
+
+class ChangesWeightDecayAtTrainStart(TrustRegionModule):
+    """A module whose own on_train_start changes an optimiser setting, as a resumed module does
+    for a setting configured differently since the checkpoint (Lightning runs it after every
+    callback's on_train_start)."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        for group in self.optimizers(use_pl_optimizer=False).param_groups:
+            group["weight_decay"] = 0.5
+
+
+def test_the_starting_good_state_includes_the_modules_on_train_start(random_model_dir) -> None:
+    torch.manual_seed(0)
+    module = ChangesWeightDecayAtTrainStart(
+        policy=f"config:{random_model_dir}", task=DigitRichArithmetic(), **SMALL,
+        optimizer=partial(AdamW, lr=1e-2, weight_decay=0.0))
+    guard, record = CollapseGuard(max_kl=1.0), Record()
+    with pytest.warns(UserWarning, match="rolled back to the good state of global step 0"):
+        _fit(module, 1, [guard, PerturbBehavior({0}), record])
+    # iteration 0 fired and rolled back to the state training started from, which holds the
+    # weight decay the module set in its on_train_start, not the configured 0.0
+    assert [r["fired"] for r in record.after] == [1.0]
+    assert module.optimizers(use_pl_optimizer=False).param_groups[0]["weight_decay"] == 0.5

@@ -192,6 +192,45 @@ def test_plain_lines_every_log_every_rollout_batches_and_after_the_last(random_m
     assert "\x1b" not in screen.getvalue()  # no terminal control codes in a log file
 
 
+class StopAt(L.Callback):
+    """Stops the run at the end of the given rollout batch (0-based), as a collapse guard
+    listed after the bar does."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_by_a_later_callback_gets_its_final_plain_line(random_model_dir
+                                                                       ) -> None:
+    module = _module(random_model_dir)
+    screen = io.StringIO()
+    bar = RolloutProgressBar(console=Console(file=screen, width=80, force_terminal=False),
+                             log_every=10)
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[bar, StopAt(1)])
+    trainer.fit(module)
+    # stopped after the 2nd of 5 rollout batches: no line is due every 10, but the last is shown
+    assert [line.split("  ")[0] for line in screen.getvalue().splitlines()[1:]] == ["batch 2/5"]
+
+
+@pytest.mark.parametrize("widgets", [True, False])
+def test_a_notebook_draws_the_bar_only_with_ipywidgets(monkeypatch, widgets) -> None:
+    # rich draws a live bar in Jupyter only through ipywidgets; without it the bar would stay
+    # blank until the end, so plain lines are printed instead
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if widgets else None) if name == "ipywidgets" else found(name, *a))
+    bar = RolloutProgressBar(console=Console(file=io.StringIO(), force_jupyter=True,
+                                             force_terminal=False))
+    assert bar.plain is not widgets
+
+
 def _stand_in_trainer(module: Any, *, max_steps: int, global_step: int) -> SimpleNamespace:
     return SimpleNamespace(max_steps=max_steps, global_step=global_step, max_epochs=-1,
                            num_training_batches=math.inf, lightning_module=module,

@@ -6,7 +6,8 @@
 **Where.** ``<log_dir>/checkpoints`` of the first logger (``runs/quickstart/csv/version_0/
 checkpoints`` for the quickstart), ``<default_root_dir>/checkpoints`` without a logger, or
 ``dirpath`` when given. Files are named after the rollout batches completed,
-``rollout=000050.ckpt``, and ``last.ckpt`` is an atomic copy of the newest healthy one. Every
+``rollout=000050.ckpt``, and ``last.ckpt`` holds the newest state no collapse guard rejected
+(an atomic copy of that save, see below). Every
 file is written by the trainer's checkpoint I/O, which under ``trustregion fit`` is
 :class:`~trustregion.checkpointing.ChecksummedCheckpointIO` (atomic, checksummed).
 
@@ -103,7 +104,7 @@ class RolloutCheckpoint(Checkpoint):
         every_n_rollouts: rollout batches (Lightning training steps) between saves.
         keep_last: how many ``rollout=…`` files to keep, the newest (and as many of the
             newest ``-guard_firing`` files); None keeps every file.
-        save_last: keep ``last.ckpt``, a copy of the newest healthy save.
+        save_last: keep ``last.ckpt``, the newest state no collapse guard rejected.
         handle_signals: save and stop on SIGINT / SIGTERM instead of Lightning's handling.
         dirpath: directory of the checkpoints; None: ``<log_dir>/checkpoints`` of the first
             logger, or ``<default_root_dir>/checkpoints`` without one.
@@ -111,7 +112,8 @@ class RolloutCheckpoint(Checkpoint):
     Attributes:
         directory: where the checkpoints go (resolved in ``setup``).
         rollouts: rollout batches completed (restored on resume).
-        last_checkpoint: the newest healthy checkpoint written (None before any).
+        last_checkpoint: the newest checkpoint written whose weights no collapse guard
+            rejected, the state ``last.ckpt`` holds (None before any).
         interruption: set when a signal stopped training.
     """
 
@@ -175,7 +177,8 @@ class RolloutCheckpoint(Checkpoint):
         if self._saved_at != self.rollouts:
             self._save(trainer)
         if self._pending_signal and self.interruption is None:
-            self.interruption = Interruption(self._pending_signal, self.last_checkpoint)
+            rank_zero_info(f"{signal.Signals(self._pending_signal).name} arrived after the last "
+                           "rollout batch: the run finished")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
@@ -204,14 +207,15 @@ class RolloutCheckpoint(Checkpoint):
         finally:
             self._saving_guard_firing = False
         self._saved_at = self.rollouts
-        if not firing:
-            self.last_checkpoint = path
         if _weights_trusted(trainer):
+            self.last_checkpoint = path
             if self.save_last:
                 self._update_last(trainer, path)
         else:
+            kept = ("still holds the previous healthy state" if self.last_checkpoint
+                    else "is not written until a healthy state is saved")
             rank_zero_info(f"checkpoint {path} holds weights the collapse guard fired on; "
-                           f"{LAST} still holds the previous healthy state")
+                           f"{LAST} {kept}")
         if trainer.is_global_zero and self.keep_last is not None:
             _prune(self.directory, self.keep_last)
         trainer.strategy.barrier("RolloutCheckpoint")
@@ -224,6 +228,7 @@ class RolloutCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.directory / LAST, weights_only=False)
         finally:
             self._saving_guard_firing = False
+        self.last_checkpoint = self.directory / LAST
         rank_zero_info(f"the collapse guard restored an earlier state; {LAST} now holds it")
 
     def _update_last(self, trainer: L.Trainer, path: Path) -> None:

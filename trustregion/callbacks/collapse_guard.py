@@ -394,14 +394,17 @@ class CollapseGuard(L.Callback):
         self._firing = False
         self._restored_weights = False
         self._weights_step = trainer.global_step
-        if self.action in ("rollback", "escalate"):
-            # the state training starts (or resumes) from is taken as good
-            snapshot = TrainingSnapshot.capture(training_module(pl_module, "CollapseGuard"),
-                                                self.snapshot_device)
-            self._last_good = _GoodState(snapshot, trainer.global_step)
+        # The state training starts (or resumes) from is taken as good at the first rollout
+        # batch, not here: the module's own on_train_start, which Lightning runs after every
+        # callback's, may still change it (optimiser settings changed on resume).
+        self._last_good = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        if self.action in ("rollback", "escalate") and self._last_good is None:
+            snapshot = TrainingSnapshot.capture(training_module(pl_module, "CollapseGuard"),
+                                                self.snapshot_device)
+            self._last_good = _GoodState(snapshot, trainer.global_step)
         if self.action != "rollback":  # rollback restores its periodic snapshot instead
             self._pre_iteration = TrainingSnapshot.capture(
                 training_module(pl_module, "CollapseGuard"), self.snapshot_device)
@@ -491,7 +494,7 @@ class CollapseGuard(L.Callback):
     def _restore_last_good(self, trainer: L.Trainer, module: TrainingModule) -> str:
         """Restore the last good state but keep the current learning rates (param groups and
         schedulers' ``base_lrs``), which hold the reductions made since it was taken."""
-        assert self._last_good is not None, "the good state is taken in on_train_start"
+        assert self._last_good is not None, "the good state is taken at the first rollout batch"
         rates = [[group["lr"] for group in optimizer.param_groups]
                  for optimizer in trainer.optimizers]
         base_lrs = [list(getattr(config.scheduler, "base_lrs", []))

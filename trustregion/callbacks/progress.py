@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import time
 from collections.abc import Iterable
@@ -170,9 +170,11 @@ class RolloutProgressBar(ProgressBar):
 
     @property
     def plain(self) -> bool:
-        """Whether progress is printed as plain lines (the console is neither a terminal nor a
-        notebook)."""
-        return not (self.console.is_terminal or self.console.is_jupyter)
+        """Whether progress is printed as plain lines: the console is neither a terminal nor a
+        notebook that can draw a live bar (rich draws one there only with ``ipywidgets``)."""
+        if self.console.is_terminal:
+            return False
+        return not (self.console.is_jupyter and importlib.util.find_spec("ipywidgets"))
 
     @property
     def total_train_batches(self) -> int | float:
@@ -304,14 +306,16 @@ class RolloutProgressBar(ProgressBar):
         self._pending = False
         if not self.is_enabled:
             return
+        # a callback after this one may have stopped the run on this batch (a collapse guard)
+        final = self._final or trainer.should_stop
         metrics = self.get_metrics(trainer, pl_module)
         if self._progress is not None and self._task is not None:
             items = [f"{key} {format_value(key, value)}" for key, value in metrics.items()]
             self._progress.update(self._task,
                                   values="\n".join(pack_lines(items, self.console.width)))
-            if self._final:
+            if final:
                 self._stop()
-        elif self.plain and (self._done % self.log_every == 0 or self._final):
+        elif self.plain and (self._done % self.log_every == 0 or final):
             done, since = self._mark
             now = time.monotonic()
             per_batch = (now - since) / (self._done - done) if self._done > done else None
