@@ -397,3 +397,17 @@ def test_a_strategy_declared_as_an_entry_point_is_saved_by_name(user_strategy,
                                             "delta_low": None, "delta_high": None,
                                             "anchor": "behavior"}
     assert to_spec(DRPO())["name"] == "drpo"  # built-ins keep their names
+
+
+def test_a_changed_item_of_a_list_is_named_by_its_position() -> None:
+    # one callback's argument changed: the report names that argument, not the whole list
+    checkpoint = {"callbacks": [{"class_path": "a.Bar"},
+                                {"class_path": "a.Summary", "init_args": {"window": 40}}]}
+    given = {"callbacks": [{"class_path": "a.Bar"},
+                           {"class_path": "a.Summary", "init_args": {"window": 20}}]}
+    assert differences(checkpoint, given, "trainer") == [
+        Difference("trainer.callbacks[1].init_args.window", 40, 20)]
+    # a callback added: the lists differ as a whole
+    longer = {"callbacks": [*given["callbacks"], {"class_path": "a.Plots"}]}
+    [whole] = differences(checkpoint, longer, "trainer")
+    assert whole.key == "trainer.callbacks"

@@ -135,12 +135,14 @@ def _identity(spec: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def differences(checkpoint: Any, given: Any, key: str = "") -> list[Difference]:
-    """Every setting whose value differs between ``checkpoint`` and ``given`` (nested dicts),
-    by dotted key. Two specs of different classes (``name`` or ``class_path``) differ as a
-    whole, not setting by setting.
+    """Every setting whose value differs between ``checkpoint`` and ``given`` (nested dicts,
+    and lists of the same length item by item), by dotted key. Two specs of different classes
+    (``name`` or ``class_path``) differ as a whole, not setting by setting.
 
     >>> differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
     [Difference(key='b.c', checkpoint=2, given=3)]
+    >>> differences({"cb": [{"w": 40}, "X"]}, {"cb": [{"w": 20}, "X"]})
+    [Difference(key='cb[0].w', checkpoint=40, given=20)]
     """
     checkpoint, given = _plain(checkpoint), _plain(given)
     if (isinstance(checkpoint, dict) and isinstance(given, dict)
@@ -150,6 +152,9 @@ def differences(checkpoint: Any, given: Any, key: str = "") -> list[Difference]:
             found += differences(checkpoint.get(name, UNSET), given.get(name, UNSET),
                                  f"{key}.{name}" if key else name)
         return found
+    if isinstance(checkpoint, list) and isinstance(given, list) and len(checkpoint) == len(given):
+        return [d for i, (old, new) in enumerate(zip(checkpoint, given, strict=True))
+                for d in differences(old, new, f"{key}[{i}]")]
     return [] if checkpoint == given else [Difference(key, checkpoint, given)]
 
 

@@ -428,10 +428,10 @@ def test_escalate_halves_the_learning_rate_then_stops_with_the_signals() -> None
     assert collapsed.last_good_step == 0 and collapsed.exit_code == 3
     assert str(collapsed).startswith(
         "CollapseGuard stopped training: the collapse signs fired in 3 consecutive rollout "
-        "batches despite rolling back and lowering the learning rate each time (rollout batch "
-        "1: entropy 0 < min_entropy 0.5; rollout batch 2: entropy 0 < min_entropy 0.5; "
-        "rollout batch 3: entropy 0.25 < min_entropy 0.5). The weights hold the last good "
-        "state, from global step 0.")
+        "batches, though each earlier trigger rolled back and lowered the learning rate "
+        "(rollout batch 1: entropy 0 < min_entropy 0.5; rollout batch 2: entropy 0 < "
+        "min_entropy 0.5; rollout batch 3: entropy 0.25 < min_entropy 0.5). The weights hold "
+        "the last good state, from global step 0.")
 
 
 def test_one_allowed_trigger_stops_at_the_first() -> None:
@@ -468,7 +468,7 @@ def test_a_resumed_guard_continues_its_escalation() -> None:
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
     # the third consecutive trigger, in the resumed run's first batch, stops it
-    with pytest.raises(TrainingCollapsed, match=r"fired in 3 consecutive rollout batches .*"
+    with pytest.raises(TrainingCollapsed, match=r"fired in 3 consecutive rollout batches, .*"
                                                 r"rollout batch 1: .* rollout batch 3: .* "
                                                 r"rollout batch 0: entropy 0 < min_entropy"):
         _fit_stand_in([COLLAPSED], resumed)

@@ -133,8 +133,9 @@ _DEFAULT_MAX_CONSECUTIVE = 3
 
 class TrainingCollapsed(RuntimeError):
     """Raised by a :class:`CollapseGuard` with ``action="escalate"`` when its signs fired in
-    ``max_consecutive_triggers`` consecutive rollout batches despite rolling back and lowering
-    the learning rate. The weights were rolled back to the last good state before it was raised.
+    ``max_consecutive_triggers`` consecutive rollout batches, though each earlier trigger rolled
+    back and lowered the learning rate. The weights were rolled back to the last good state
+    before it was raised.
 
     Attributes:
         triggers: one line per consecutive trigger: the rollout batch and the signs that fired,
@@ -151,8 +152,9 @@ class TrainingCollapsed(RuntimeError):
         self.triggers = list(triggers)
         self.signals = dict(signals)
         self.last_good_step = last_good_step
-        repeated = (f" in {len(triggers)} consecutive rollout batches despite rolling back "
-                    "and lowering the learning rate each time" if len(triggers) > 1 else "")
+        repeated = (f" in {len(triggers)} consecutive rollout batches, though each earlier "
+                    "trigger rolled back and lowered the learning rate" if len(triggers) > 1
+                    else "")
         super().__init__(
             f"CollapseGuard stopped training: the collapse signs fired{repeated} "
             f"({'; '.join(triggers)}). The weights hold the last good state, from global step "
