@@ -12,28 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from cli_configs import tiny_cli_config
 
 from trustregion.checkpointing import read_checkpoint, verify_checkpoint
 from trustregion.cli import main
 
 
 def _config(tmp_path: Path, random_model_dir: Path) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_steps": 10_000, "enable_progress_bar": False, "enable_model_summary": False,
-            "default_root_dir": str(tmp_path / "run"),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp_path / "run"), "name": "csv"}}},
-        "checkpoint": {"every_n_rollouts": 2},
-        "model": {"policy": f"config:{random_model_dir}",
-                  "batching": {"group_size": 2, "prompts_per_step": 2},
-                  "sampling": {"max_new_tokens": 2}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    run = str(tmp_path / "run")
+    return tiny_cli_config(tmp_path, random_model_dir, seed_everything=0,
+                           checkpoint={"every_n_rollouts": 2}, trainer={
+                               "max_steps": 10_000, "default_root_dir": run,
+                               "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                          "init_args": {"save_dir": run, "name": "csv"}}})
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from cli_configs import tiny_cli_config
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import trustregion.checkpointing as checkpointing
@@ -369,16 +370,7 @@ def test_bad_settings_are_refused(name, value, message) -> None:
 
 # ----------------------------------------------------------------------- trustregion fit
 def _cli_config(tmp_path: Path, random_model_dir: Path, **trainer: Any) -> Path:
-    config = {
-        "trainer": {"max_steps": 1, "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path), **trainer},
-        "model": {"policy": f"config:{random_model_dir}",
-                  "batching": {"group_size": 2, "prompts_per_step": 2},
-                  "sampling": {"max_new_tokens": 2}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_cli_config(tmp_path, random_model_dir, trainer=trainer)
 
 
 def test_fit_checkpoints_by_default_with_checksummed_io(tmp_path, random_model_dir) -> None:

@@ -8,21 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_configs import tiny_cli_config
 
 from trustregion.cli import TrustRegionCLI, main
 
 
 def _config(tmp_path: Path, random_model_dir: Path) -> Path:
-    config = {
-        "trainer": {"max_steps": 1, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "default_root_dir": str(tmp_path)},
-        "model": {"policy": f"config:{random_model_dir}",
-                  "batching": {"group_size": 2, "prompts_per_step": 2},
-                  "sampling": {"max_new_tokens": 3}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_cli_config(tmp_path, random_model_dir, max_new_tokens=3,
+                           trainer={"enable_checkpointing": False})
 
 
 @pytest.mark.parametrize(("given", "name", "part", "short", "example"), [
