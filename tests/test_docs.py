@@ -6,8 +6,8 @@
 * every page under ``docs/`` is in the ``mkdocs.yml`` nav, and every nav entry exists;
 * every relative link between pages points to an existing file (and heading, for ``#anchors``);
 * the concepts page names every shared ``trust_region/*`` key and every key the module logs;
-* the README's Python example runs, and every ``trustregion fit`` / ``validate`` command shown
-  in the README and the docs names an existing config and parses.
+* the README's Python example runs, and every ``trustregion fit`` / ``validate`` / ``predict``
+  command shown in the README and the docs names an existing config and parses.
 """
 
 from __future__ import annotations
@@ -304,16 +304,16 @@ SHELL_BLOCK = re.compile(r"^```(?:bash|sh|console)\n(.*?)^```", re.M | re.S)
 
 
 def _documented_commands() -> list[tuple[str, list[str]]]:
-    """Every ``trustregion fit`` / ``trustregion validate`` command in the README's and the
+    """Every ``trustregion fit`` / ``validate`` / ``predict`` command in the README's and the
     docs' shell blocks, as (where, argv after ``trustregion``), continuation lines joined and
     trailing comments dropped."""
     commands = []
     for path in [ROOT / "README.md", *PAGES]:
         for block in SHELL_BLOCK.findall(path.read_text(encoding="utf-8")):
             for line in block.replace("\\\n", " ").splitlines():
-                start = line.find("trustregion fit")
-                if start < 0:
-                    start = line.find("trustregion validate")
+                starts = [line.find(f"trustregion {command}")
+                          for command in ("fit", "validate", "predict")]
+                start = max(starts)  # a line shows at most one command
                 if start < 0:
                     continue
                 argv = shlex.split(line[start:], comments=True)[1:]
@@ -324,9 +324,9 @@ def _documented_commands() -> list[tuple[str, list[str]]]:
 DOCUMENTED_COMMANDS = _documented_commands()
 
 
-def test_the_docs_show_fit_and_validate_commands() -> None:
+def test_the_docs_show_fit_validate_and_predict_commands() -> None:
     subcommands = {argv[0] for _, argv in DOCUMENTED_COMMANDS}
-    assert subcommands == {"fit", "validate"}
+    assert subcommands == {"fit", "validate", "predict"}
     assert any("--ckpt_path" in argv for _, argv in DOCUMENTED_COMMANDS)  # a resume example
 
 

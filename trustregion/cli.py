@@ -6,6 +6,9 @@
   value and are listed (:mod:`trustregion.resume`).
 * ``trustregion validate --config FILE.yaml --ckpt_path CKPT`` — evaluate a checkpoint's policy
   on the task's held-out prompts (:mod:`trustregion.evaluation`) and print the values.
+* ``trustregion predict --config FILE.yaml --ckpt_path CKPT --prediction.prompts IN.jsonl
+  --prediction.output OUT.jsonl`` — write a checkpoint's policy's completions of a prompt file
+  as JSON lines (:mod:`trustregion.prediction`); on one process.
 * ``trustregion strategies`` — the registered strategies with their settings and defaults.
 * ``trustregion plot RUN_DIR`` — draw a finished run's charts from its logs
   (:mod:`trustregion.plots`).
@@ -33,29 +36,39 @@ from trustregion.callbacks.checkpoint import (
     interruption_of,
 )
 from trustregion.callbacks.collapse_guard import TrainingCollapsed
+from trustregion.callbacks.completion_writer import CompletionWriter
 from trustregion.callbacks.progress import drop_disabled_progress_bars
 from trustregion.checkpointing import CorruptCheckpointError
 from trustregion.known_noise import quiet_known_noise
 from trustregion.module import TrustRegionModule
+from trustregion.prediction import PredictionRefused, PredictionSettings
 from trustregion.resume import RecordedConfig, Resume, ResumeRefused, check_resume, print_report
 from trustregion.specs import strategy_from_spec, task_from_spec, to_spec
 from trustregion.strategies import DRPO, TrustRegionStrategy, available_strategies, strategy_class
 from trustregion.tasks import Arithmetic, Task
+from trustregion.tasks.jsonl import load_jsonl_prompts
 
 __all__ = ["TrustRegionCLI", "main", "plot_command"]
 
-SUBCOMMANDS = ("fit", "validate")
+SUBCOMMANDS = ("fit", "validate", "predict")
 """The Lightning subcommands ``trustregion`` offers; ``strategies`` and ``plot`` are its own."""
 HELP_EPILOG = (
     "other commands: 'trustregion strategies' lists the registered trust-region strategies "
     "with their settings; 'trustregion plot RUN_DIR' draws a run's charts from its logs "
     "(trustregion plot --help). 'trustregion validate --config FILE --ckpt_path CKPT' "
-    "evaluates a checkpoint on the task's held-out prompts (needs model.evaluation).")
+    "evaluates a checkpoint on the task's held-out prompts (needs model.evaluation). "
+    "'trustregion predict --config FILE --ckpt_path CKPT --prediction.prompts PROMPTS.jsonl "
+    "--prediction.output OUT.jsonl' writes the policy's completions of a prompt file "
+    "(trustregion predict --help).")
+PREDICT_DESCRIPTION = (
+    "Write the policy's completions of a JSONL prompt file (one {\"prompt\": ...} object a "
+    "line) to a JSONL file: greedy, or --prediction.greedy=false --prediction.samples=N "
+    "sampled; with --ckpt_path, the checkpoint's policy. Runs on one process.")
+"""The ``trustregion predict --help`` text; :meth:`TrustRegionCLI.add_arguments_to_parser` adds
+the ``prediction:`` section to the parser that has it."""
 REMOVED = {
     "test": "trustregion has no test stage: evaluate held-out prompts with 'trustregion "
             "validate --config FILE --ckpt_path CKPT' (see model.evaluation)",
-    "predict": "trustregion has no predict stage: evaluate held-out prompts with "
-               "'trustregion validate --config FILE --ckpt_path CKPT'",
 }
 
 MODEL_PARTS = {"optimizer": "torch.optim.SGD", "lr_scheduler": "torch.optim.lr_scheduler.StepLR"}
@@ -91,7 +104,9 @@ class TrustRegionCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs["parser_kwargs"] = {"description": "RL post-training of language models with a "
                                                   "pluggable trust region.",
-                                   "epilog": HELP_EPILOG, **(kwargs.get("parser_kwargs") or {})}
+                                   "epilog": HELP_EPILOG,
+                                   "predict": {"description": PREDICT_DESCRIPTION},
+                                   **(kwargs.get("parser_kwargs") or {})}
         kwargs.setdefault("save_config_callback", RecordedConfig)
         # model.optimizer and model.lr_scheduler configure the optimiser (refuse_top_level_parts)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -101,12 +116,13 @@ class TrustRegionCLI(LightningCLI):
                                       **(kwargs.get("trainer_defaults") or {})}
         quiet_known_noise()
         self.resume: Resume | None = None
+        self.completion_writer: CompletionWriter | None = None
         super().__init__(TrustRegionModule, args=list(args) if args is not None else None,
                          **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit`` and ``validate``; Lightning's ``test`` and ``predict`` have no meaning here."""
+        """``fit``, ``validate`` and ``predict``; Lightning's ``test`` has no meaning here."""
         return {name: skip for name, skip in LightningCLI.subcommands().items()
                 if name in SUBCOMMANDS}
 
@@ -116,6 +132,23 @@ class TrustRegionCLI(LightningCLI):
             values = {key: float(value) for key, value in self.trainer.callback_metrics.items()
                       if key.startswith("val/")}
             print("\n".join(f"{key:<24}{value:.6g}" for key, value in sorted(values.items())))
+
+    def before_predict(self) -> None:
+        """Read the prompt file and hand it to the module (``trustregion predict``); a bad file
+        or a prompt too long for the context is refused before the checkpoint loads."""
+        settings = self.config_init["predict"]["prediction"]
+        try:
+            prompts = load_jsonl_prompts(settings.prompts, settings.prompt_key)
+            self.model.prepare_prediction(prompts, settings)
+        except (FileNotFoundError, ValueError) as err:
+            raise PredictionRefused(str(err)) from err
+
+    def after_predict(self) -> None:
+        """Say what was written (``trustregion predict``)."""
+        writer = self.completion_writer
+        if writer is not None and self.trainer.is_global_zero:
+            print(f"trustregion: wrote {writer.written} completions to {writer.output}",
+                  file=sys.stderr)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse, then, with ``--ckpt_path``, refuse settings that define the run and differ
@@ -143,12 +176,26 @@ class TrustRegionCLI(LightningCLI):
         # The `checkpoint:` section; instantiate_trainer adds the callback to the trainer.
         parser.add_class_arguments(RolloutCheckpoint, "checkpoint", fail_untyped=False,
                                    sub_configs=True)
+        # Lightning builds one parser per subcommand; only predict's has this description.
+        if parser.description == PREDICT_DESCRIPTION:
+            parser.add_class_arguments(PredictionSettings, "prediction", sub_configs=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with checksummed checkpoint I/O and :class:`RolloutCheckpoint`
-        (:func:`~trustregion.callbacks.checkpoint.fit_trainer_arguments`)."""
+        (:func:`~trustregion.callbacks.checkpoint.fit_trainer_arguments`); for ``predict``, a
+        :class:`~trustregion.callbacks.CompletionWriter` of ``prediction.output`` last."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        added = fit_trainer_arguments(config.get("trainer") or {}, config["checkpoint"])
+        trainer_config = config.get("trainer") or {}
+        added = fit_trainer_arguments(trainer_config, config["checkpoint"])
+        if self.subcommand == "predict":
+            try:
+                self.completion_writer = CompletionWriter(config["prediction"].output)
+            except ValueError as err:
+                raise PredictionRefused(str(err)) from err
+            given = added.get("callbacks", trainer_config.get("callbacks"))
+            listed = [] if given is None else (
+                list(given) if isinstance(given, list | tuple) else [given])
+            added["callbacks"] = [*listed, self.completion_writer]
         return super().instantiate_trainer(**{**added, **kwargs})
 
 
@@ -211,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TrainingCollapsed as collapsed:  # the guard gave up: its message, not a traceback
         print(f"trustregion: {collapsed}", file=sys.stderr)
         sys.exit(collapsed.exit_code)
-    except (CorruptCheckpointError, ResumeRefused) as refused:  # a bad --ckpt_path: say why
+    except (CorruptCheckpointError, ResumeRefused, PredictionRefused) as refused:
+        # a bad --ckpt_path or prompt file: say why
         print(f"trustregion: {refused}", file=sys.stderr)
         sys.exit(2)
     interruption = interruption_of(cli.trainer)

@@ -32,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from trustregion.metric_reduction import Reduce, reduce_across_ranks
 from trustregion.rollout import (
     completion_mask_from,
+    decode_completions,
     encode_prompts,
     eos_token_ids,
     generate_in_eval_mode,
@@ -270,9 +271,7 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     sequences = generate_in_eval_mode(model, ids, mask, config)
     completions = sequences[:, ids.shape[1]:]
     kept = completion_mask_from(completions, eos_ids)
-    return tokenizer.batch_decode(
-        [row[m].tolist() for row, m in zip(completions, kept, strict=True)],
-        skip_special_tokens=True)
+    return decode_completions(tokenizer, completions, kept)
 
 
 def evaluate_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,

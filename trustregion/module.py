@@ -50,6 +50,7 @@ from trustregion.evaluation import (
     check_every_prompt_scored,
     check_schedule,
     evaluate_examples,
+    generate_completions,
     rank_share,
     validation_batches,
 )
@@ -66,6 +67,14 @@ from trustregion.metric_reduction import MetricAccumulator, Reduce, reduce_acros
 from trustregion.models.loading import TINY, load_model, prepare_tokenizer
 from trustregion.optim import AdamW, LinearWarmup
 from trustregion.penalties import Penalty
+from trustregion.prediction import (
+    Completion,
+    PredictionBatch,
+    PredictionBatches,
+    PredictionRefused,
+    PredictionSettings,
+    prediction_batches,
+)
 from trustregion.prompt_checks import check_prompt_text, unknown_tokens
 from trustregion.resume import (
     ResumeRefused,
@@ -88,7 +97,8 @@ from trustregion.step_log import StepLog
 from trustregion.stopping import unbounded_run_warning
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
-from trustregion.validation import integer_at_least, number_in
+from trustregion.tasks.jsonl import PromptLine
+from trustregion.validation import integer_at_least, number_in, require
 
 __all__ = ["TrustRegionModule", "UpdateRecord"]
 
@@ -246,6 +256,7 @@ class TrustRegionModule(L.LightningModule):
         self._unknown_tokens_reported = False
         self._resumed_hparams: dict[str, Any] | None = None
         self._evaluation_totals: EvaluationTotals | None = None
+        self._prediction: tuple[PredictionSettings, list[PromptLine]] | None = None
 
     def _check_optimizer(self) -> None:
         """Build the optimiser and scheduler once on the policy's parameters, so a bad setting
@@ -381,6 +392,14 @@ class TrustRegionModule(L.LightningModule):
                 raise ValueError("validating needs evaluation settings: set model.evaluation "
                                  "(for example {prompts: 64}); see docs/evaluation.md")
             check_every_prompt_scored(self.trainer.limit_val_batches)
+        if stage == "predict":
+            if self.trainer.world_size != 1:
+                raise PredictionRefused(
+                    f"trustregion predict runs on one process; got {self.trainer.world_size} "
+                    "(set trainer.devices: 1 and trainer.num_nodes: 1)")
+            require(self._prediction is not None,
+                    "predicting needs prompts: call prepare_prediction(prompts, settings) "
+                    "first (trustregion predict does, from --prediction.prompts)")
 
     def on_train_start(self) -> None:
         # Lightning restores the optimiser and scheduler before this hook, with the settings
@@ -466,6 +485,44 @@ class TrustRegionModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.step_log.write(self.trainer, metrics, step=max(self.next_prompt_batch - 1, 0))
+
+    # ----------------------------------------------------------------------- prediction
+    def prepare_prediction(self, prompts: Sequence[PromptLine],
+                           settings: PredictionSettings) -> None:
+        """Complete ``prompts`` with ``settings`` at the next ``trainer.predict``; prompts too
+        long for the context with the completion length are refused here."""
+        if not isinstance(settings, PredictionSettings):
+            raise ValueError(f"settings must be a PredictionSettings; got "
+                             f"{type(settings).__name__}")
+        max_new_tokens = settings.max_new_tokens or self.sampling.max_new_tokens
+        self._check_prompts([p.prompt for p in prompts],
+                            source=f"the prompts of {settings.prompts}",
+                            max_new_tokens=max_new_tokens)
+        self._prediction = (settings, list(prompts))
+
+    def predict_dataloader(self) -> PredictionBatches:
+        """The prompts given to :meth:`prepare_prediction`, ``batch_size`` at a time."""
+        assert self._prediction is not None  # setup("predict") refuses without them
+        settings, prompts = self._prediction
+        return prediction_batches(prompts, settings.batch_size)
+
+    def predict_step(self, batch: PredictionBatch, batch_idx: int) -> list[Completion]:
+        """The policy's completions of one batch of prompts, prompt by prompt; sampled ones are
+        drawn from a generator seeded by the module's seed and the batch's index, so the same
+        settings give the same completions."""
+        assert self._prediction is not None
+        settings, _ = self._prediction
+        repeats = settings.completions_per_prompt
+        with seeded(batch_seed(self.seed, batch.index), self.device):
+            texts = generate_completions(
+                self.policy, self.tokenizer, [p.prompt for p in batch.prompts],
+                samples=settings.samples, greedy=settings.greedy,
+                temperature=settings.temperature, top_p=settings.top_p,
+                max_new_tokens=settings.max_new_tokens or self.sampling.max_new_tokens,
+                chat_template=self.chat_template)
+        return [Completion(line=p.line, prompt=p.prompt, sample=s,
+                           completion=texts[i * repeats + s])
+                for i, p in enumerate(batch.prompts) for s in range(repeats)]
 
     def local_examples(self, batch: PromptBatch) -> list[Any]:
         """This process's share of a prompt batch: a contiguous slice of whole prompts."""

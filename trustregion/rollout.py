@@ -29,6 +29,7 @@ __all__ = [
     "SamplingSettings",
     "completion_logits",
     "completion_mask_from",
+    "decode_completions",
     "encode_prompts",
     "eos_token_ids",
     "generate_in_eval_mode",
@@ -193,6 +194,22 @@ def generate_in_eval_mode(model: PreTrainedModel, ids: Tensor, mask: Tensor,
         model.train(was_training)
 
 
+def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: Tensor, mask: Tensor
+                       ) -> list[str]:
+    """The text of each row of completion ``ids`` where ``mask`` is set, special tokens
+    skipped; the ids are copied to the host once, not row by row.
+
+    >>> from trustregion.models.char_tokenizer import build_char_tokenizer
+    >>> tok = build_char_tokenizer()
+    >>> ids = torch.tensor([tok.encode(t, add_special_tokens=False) for t in ("12", "7x")])
+    >>> decode_completions(tok, ids, torch.tensor([[True, True], [True, False]]))
+    ['12', '7']
+    """
+    ids, mask = ids.cpu(), mask.cpu()
+    return tokenizer.batch_decode([row[kept].tolist() for row, kept in zip(ids, mask, strict=True)],
+                                  skip_special_tokens=True)
+
+
 def completion_mask_from(ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     """True on every token up to and including the first end-of-sequence token."""
     is_eos = torch.zeros_like(ids, dtype=torch.bool)
@@ -247,10 +264,7 @@ def generate_rollout(
     topk_ids = topk_logp = None
     if topk > 0:
         topk_ids, topk_logp = _behavior_topk(out.scores, completion_ids, topk)
-    texts = tokenizer.batch_decode(
-        [ids[m].tolist() for ids, m in zip(completion_ids, mask, strict=True)],
-        skip_special_tokens=True,
-    )
+    texts = decode_completions(tokenizer, completion_ids, mask)
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=mask, behavior_logp=behavior_logp, examples=repeated, completions=texts,

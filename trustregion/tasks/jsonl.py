@@ -5,12 +5,16 @@ object; two of its keys hold the prompt and the answer (names set by ``prompt_ke
 ``answer_key``), every other key is kept in :attr:`Example.meta` for custom reward functions::
 
     {"prompt": "What is 2+3? ", "answer": "5", "difficulty": 1}
+
+:func:`load_jsonl_prompts` reads a file of prompts alone (``trustregion predict``) the same way.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +23,18 @@ from trustregion.tasks.example import Example
 from trustregion.tasks.rewards import RewardFn, exact_match, load_reward_fn
 from trustregion.validation import non_empty_string, one_of, require
 
-__all__ = ["UTF8_BOM", "JsonlTask", "load_jsonl_examples"]
+__all__ = ["UTF8_BOM", "JsonlTask", "PromptLine", "load_jsonl_examples", "load_jsonl_prompts"]
 
 UTF8_BOM = b"\xef\xbb\xbf"
 """The UTF-8 byte-order mark some editors write at the start of a file; it is skipped."""
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt read from a JSONL file and the number of the line holding it (1-based)."""
+
+    line: int
+    prompt: str
 
 
 def load_jsonl_examples(
@@ -38,11 +50,54 @@ def load_jsonl_examples(
             missing, a value has the wrong type, a prompt is empty (or only whitespace), or the
             file holds no examples; the message gives the file and line number.
     """
+    examples: list[Example] = []
+    for where, _, record in _records(path, "JSONL task file"):
+        for key in (prompt_key, answer_key):
+            _require_key(record, key, where, "set prompt_key / answer_key to the fields "
+                                             "holding the prompt and answer")
+        prompt = _prompt(record.pop(prompt_key), prompt_key, where)
+        answer = record.pop(answer_key)
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise ValueError(
+                f"{where}: {answer_key!r} must be a string or a number; got "
+                f"{type(answer).__name__} (put structured data in another key: it reaches "
+                f"reward functions as Example.meta)"
+            )
+        examples.append(Example(prompt=prompt, answer=answer, meta=record))
+    if not examples:
+        raise ValueError(f"JSONL task file holds no examples: {Path(path).expanduser()}")
+    return examples
+
+
+def load_jsonl_prompts(path: str | Path, prompt_key: str = "prompt") -> list[PromptLine]:
+    """Read the prompt of every line of a JSONL prompt file (other keys are ignored), read as
+    :func:`load_jsonl_examples` reads a task file: UTF-8, a byte-order mark at the start
+    skipped, blank lines skipped.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a line is not valid UTF-8, not valid JSON or not an object, its prompt is
+            missing, not a string or empty, or the file holds no prompts; the message gives the
+            file and line number.
+    """
+    prompts = []
+    for where, number, record in _records(path, "JSONL prompt file"):
+        _require_key(record, prompt_key, where, "each line needs the prompt to complete")
+        prompts.append(PromptLine(number, _prompt(record[prompt_key], prompt_key, where)))
+    if not prompts:
+        raise ValueError(f"JSONL prompt file holds no prompts: {Path(path).expanduser()}")
+    return prompts
+
+
+def _records(path: str | Path, kind: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(file:line, line, object)`` for every non-blank line of the JSONL file ``path`` (a ``kind``
+    in messages)."""
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"JSONL task file {what}: {path}")
-    examples: list[Example] = []
+        raise FileNotFoundError(f"{kind} {what}: {path}")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -59,34 +114,23 @@ def load_jsonl_examples(
                 raise ValueError(
                     f"{where}: each line must be a JSON object; got {type(record).__name__}"
                 )
-            for key in (prompt_key, answer_key):
-                if key not in record:
-                    present = ", ".join(map(repr, record)) or "none"
-                    raise ValueError(
-                        f"{where}: missing key {key!r} (keys present: {present}); set "
-                        f"prompt_key / answer_key to the fields holding the prompt and answer"
-                    )
-            prompt = record.pop(prompt_key)
-            answer = record.pop(answer_key)
-            if not isinstance(prompt, str):
-                raise ValueError(
-                    f"{where}: {prompt_key!r} must be a string; got {type(prompt).__name__}"
-                )
-            if not prompt.strip():
-                raise ValueError(f"{where}: {prompt_key!r} is empty ({prompt!r}); every prompt "
-                                 "needs text to complete")
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = str(answer)
-            if not isinstance(answer, str):
-                raise ValueError(
-                    f"{where}: {answer_key!r} must be a string or a number; got "
-                    f"{type(answer).__name__} (put structured data in another key: it reaches "
-                    f"reward functions as Example.meta)"
-                )
-            examples.append(Example(prompt=prompt, answer=answer, meta=record))
-    if not examples:
-        raise ValueError(f"JSONL task file holds no examples: {path}")
-    return examples
+            yield where, number, record
+
+
+def _require_key(record: dict[str, Any], key: str, where: str, hint: str) -> None:
+    if key not in record:
+        present = ", ".join(map(repr, record)) or "none"
+        raise ValueError(f"{where}: missing key {key!r} (keys present: {present}); {hint}")
+
+
+def _prompt(prompt: Any, key: str, where: str) -> str:
+    """``prompt`` if it is a string holding text."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: {key!r} must be a string; got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError(f"{where}: {key!r} is empty ({prompt!r}); every prompt "
+                         "needs text to complete")
+    return prompt
 
 
 def _decode_line(raw: bytes, where: str) -> str:
