@@ -499,3 +499,18 @@ def test_a_signal_after_the_last_batch_leaves_a_finished_run(tmp_path) -> None:
     # the run finished all 3 rollout batches: it is saved as usual, and not reported stopped
     assert _names(directory) == ["last.ckpt", "rollout=000003.ckpt"]
     assert callback.interruption is None
+
+
+def test_resuming_from_a_checkpoint_without_a_checksum_warns_once(
+        tmp_path, random_model_dir) -> None:
+    # a checkpoint saved without trustregion's I/O (plain torch.save) still resumes; that it
+    # could not be verified is said once, not by both the resume check and the trainer
+    path = _cli_config(tmp_path, random_model_dir)
+    main(["fit", "--config", str(path)])
+    plain = tmp_path / "plain.ckpt"
+    torch.save(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt"), plain)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(path), f"--ckpt_path={plain}", "--trainer.max_steps=2"])
+    unverified = [w for w in caught if "could not be verified" in str(w.message)]
+    assert len(unverified) == 1 and str(plain) in str(unverified[0].message)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,8 +361,11 @@ def check_resume(parser: Any, config: Any) -> Resume | None:
             read_checkpoint(path)  # says which verified checkpoints its directory holds
         except FileNotFoundError as missing:
             raise ResumeRefused(str(missing)) from None
-    # the hyperparameters and recorded config are plain values: no arbitrary unpickling
-    checkpoint = read_checkpoint(path, weights_only=True)
+    # The hyperparameters and recorded config are plain values: no arbitrary unpickling. A
+    # checkpoint without a checksum is reported once, when the trainer loads it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"checkpoint .* has no recorded checksum")
+        checkpoint = read_checkpoint(path, weights_only=True)
     hparams = _settings(checkpoint.get("hyper_parameters") or {})
     given_model = copy.deepcopy(config[subcommand]["model"])
     given = _dump(parser, config, subcommand)
