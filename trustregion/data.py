@@ -9,18 +9,45 @@ trained on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from trustregion.tasks import Example, Task
 from trustregion.validation import integer_at_least
 
-__all__ = ["PromptBatch", "PromptStream", "derive_seed"]
+__all__ = ["BatchList", "PromptBatch", "PromptStream", "derive_seed", "in_batches"]
+
+T = TypeVar("T")
 
 
 def derive_seed(seed: int, index: int) -> int:
     """A distinct, reproducible seed for item ``index`` of a run seeded with ``seed``."""
     return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**31 - 1)
+
+
+def in_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
+    """``items`` in consecutive batches of ``batch_size`` (the last may be smaller).
+
+    >>> in_batches([1, 2, 3, 4, 5], 2)
+    [[1, 2], [3, 4], [5]]
+    """
+    integer_at_least("batch_size", batch_size, 1)
+    return [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+
+
+class BatchList(Generic[T]):
+    """A finite list of batches given to Lightning as one data loader (a plain list would be
+    read as a list of data loaders)."""
+
+    def __init__(self, batches: Sequence[T]) -> None:
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.batches)
 
 
 @dataclass(frozen=True)

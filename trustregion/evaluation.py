@@ -21,7 +21,7 @@ whole prompt list.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from trustregion.data import BatchList, in_batches
 from trustregion.metric_reduction import Reduce, reduce_across_ranks
 from trustregion.rollout import (
     completion_mask_from,
@@ -222,25 +223,14 @@ class ValidationBatch:
     examples: list[Example]
 
 
-class ValidationBatches:
-    """An evaluation's prompts in batches: one data loader for Lightning (a plain list would be
-    read as a list of data loaders)."""
-
-    def __init__(self, batches: Sequence[ValidationBatch]) -> None:
-        self.batches = list(batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[ValidationBatch]:
-        return iter(self.batches)
+class ValidationBatches(BatchList[ValidationBatch]):
+    """An evaluation's prompts in batches: one data loader for Lightning."""
 
 
 def validation_batches(examples: Sequence[Example], batch_size: int) -> ValidationBatches:
     """``examples`` in batches of ``batch_size`` (the last may be smaller)."""
-    integer_at_least("batch_size", batch_size, 1)
-    return ValidationBatches([ValidationBatch(i, list(examples[start:start + batch_size]))
-                              for i, start in enumerate(range(0, len(examples), batch_size))])
+    return ValidationBatches([ValidationBatch(i, batch)
+                              for i, batch in enumerate(in_batches(examples, batch_size))])
 
 
 def rank_share(examples: Sequence[Example], rank: int, world_size: int) -> list[Example]:

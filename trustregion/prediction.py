@@ -13,10 +13,11 @@ among that prompt's ``samples``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trustregion.data import BatchList, in_batches
 from trustregion.tasks.jsonl import PromptLine
 from trustregion.validation import boolean, integer_at_least, non_empty_string, number_in, require
 
@@ -108,21 +109,11 @@ class PredictionBatch:
     prompts: list[PromptLine]
 
 
-class PredictionBatches:
+class PredictionBatches(BatchList[PredictionBatch]):
     """A prompt file's prompts in batches: one data loader for Lightning."""
-
-    def __init__(self, batches: Sequence[PredictionBatch]) -> None:
-        self.batches = list(batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[PredictionBatch]:
-        return iter(self.batches)
 
 
 def prediction_batches(prompts: Sequence[PromptLine], batch_size: int) -> PredictionBatches:
     """``prompts`` in batches of ``batch_size`` (the last may be smaller)."""
-    integer_at_least("batch_size", batch_size, 1)
-    return PredictionBatches([PredictionBatch(i, list(prompts[start:start + batch_size]))
-                          for i, start in enumerate(range(0, len(prompts), batch_size))])
+    return PredictionBatches([PredictionBatch(i, batch)
+                              for i, batch in enumerate(in_batches(prompts, batch_size))])
