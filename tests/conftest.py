@@ -4,6 +4,7 @@ saved to disk, and a task that rewards even a random model."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,24 @@ def no_global_seed_from_earlier_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     """``seed_everything`` records its seed in ``PL_GLOBAL_SEED``, and a module built without
     an explicit seed follows it: a seed set by one test must not leak into the next."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                         "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+"""What Lightning writes into ``os.environ`` when a test trains on several processes in-process
+(``ddp_spawn``)."""
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_variables_from_earlier_tests() -> Iterator[None]:
+    """A test that trains with ``ddp_spawn`` leaves Lightning's ``MASTER_PORT``, ``WORLD_SIZE``
+    and the like in ``os.environ``; a later test's ``trustregion`` processes would inherit them
+    and join a stale rendezvous. Each test starts, and leaves, without them."""
+    for name in DISTRIBUTED_VARIABLES:
+        os.environ.pop(name, None)
+    yield
+    for name in DISTRIBUTED_VARIABLES:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")

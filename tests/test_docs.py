@@ -213,13 +213,15 @@ def test_cli_settings_table_names_every_module_setting() -> None:
 
     from trustregion.batching import BatchSettings
     from trustregion.module import TrustRegionModule
+    from trustregion.precision import PrecisionSettings
     from trustregion.rollout import SamplingSettings
 
     table = _section(DOCS / "cli.md", "Module settings")
     names = [p for p in inspect.signature(TrustRegionModule.__init__).parameters if p != "self"]
     names += [f"sampling.{f}" for f in SamplingSettings.__dataclass_fields__]
+    names += [f"precision.{f}" for f in PrecisionSettings.__dataclass_fields__]
     names += [f"batching.{f}" for f in BatchSettings.__dataclass_fields__]
-    names = [n for n in names if n not in ("sampling", "batching")]  # listed field by field
+    names = [n for n in names if n not in ("sampling", "precision", "batching")]  # by field
     missing = [name for name in names if f"`{name}`" not in table]
     assert not missing, f"cli.md's module settings table does not list {missing}"
 

@@ -12,6 +12,7 @@ import yaml
 
 from trustregion.batching import BatchSettings
 from trustregion.cli import TrustRegionCLI
+from trustregion.precision import PrecisionSettings
 from trustregion.rollout import SamplingSettings
 from trustregion.strategies import strategy_class
 from trustregion.tasks import TASKS
@@ -48,6 +49,7 @@ def test_example_config_instantiates(path: Path, tmp_path, monkeypatch) -> None:
         assert getattr(module.task, key) == value, key
     assert module.batching == BatchSettings(**config["model"].get("batching", {}))
     assert module.sampling == SamplingSettings(**config["model"].get("sampling", {}))
+    assert module.precision == PrecisionSettings(**config["model"].get("precision", {}))
     assert "max_new_tokens" in config["model"]["sampling"]  # every example sets its horizon
     for key in ("sync_every", "advantage_estimator", "aggregation"):
         if key in config["model"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import torch
 from conftest import DigitRichArithmetic
 
 from trustregion.batching import BatchSettings
+from trustregion.callbacks.snapshots import TrainingSnapshot
 from trustregion.module import TrustRegionModule
-from trustregion.optim import AdamW, LinearWarmup
+from trustregion.optim import AdamW, LinearWarmup, optimizer_state_bytes
 from trustregion.rollout import SamplingSettings
 
 
@@ -138,3 +140,140 @@ def test_the_default_is_adamw_at_1e_4_without_warmup(random_model_dir) -> None:
     assert type(optimizer) is AdamW and optimizer.param_groups[0]["lr"] == 1e-4
     assert type(trainer.lr_scheduler_configs[0].scheduler) is LinearWarmup
     assert rates.rates == pytest.approx([1e-4])
+
+
+# ------------------------------------------------------------------- bitsandbytes 8-bit AdamW
+# The shipped tiny model (hidden size 128): its q_proj weight has 128 · 128 = 16384 elements, at
+# least bitsandbytes' min_8bit_size (4096), so both its moments are uint8; the final norm's 128
+# elements stay below it, so its moments stay fp32.
+LARGE = "model.layers.0.self_attn.q_proj.weight"
+SMALL = "model.norm.weight"
+BLOCK = 256  # values per quantisation block of bitsandbytes' 8-bit optimisers
+
+
+def _adamw8bit_module() -> TrustRegionModule:
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    return TrustRegionModule(
+        policy="tiny-char-llama", task=DigitRichArithmetic(),
+        batching=BatchSettings(group_size=2, prompts_per_step=2, mini_batch_size=4),
+        sampling=SamplingSettings(max_new_tokens=3), seed=0,
+        optimizer=partial(bnb.optim.AdamW8bit, lr=1e-3, weight_decay=0.0))
+
+
+class _Gradients(L.Callback):
+    """The policy's gradients as the optimiser receives them (after clipping)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {name: p.grad.detach().clone()
+                      for name, p in pl_module.policy.named_parameters() if p.grad is not None}
+
+
+def _state(optimizer: torch.optim.Optimizer, module: TrustRegionModule, name: str) -> dict:
+    return optimizer.state[dict(module.policy.named_parameters())[name]]
+
+
+def _assert_states_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), key
+        elif isinstance(value, dict):
+            _assert_states_equal(actual[key], value)
+        else:
+            assert actual[key] == value, key
+
+
+def test_adamw8bit_keeps_large_moments_as_uint8_codes() -> None:
+    import bitsandbytes.functional as F
+    module = _adamw8bit_module()
+    gradients = _Gradients()
+    trainer = _fit(module, 1, gradients)
+    (optimizer,) = trainer.optimizers
+    state = _state(optimizer, module, LARGE)
+    assert state["step"] == 1
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+    assert state["state1"].shape == state["state2"].shape == (128, 128)
+    # the maps of the 256 codes: signed for the first moment, unsigned for the second
+    assert torch.equal(state["qmap1"], F.create_dynamic_map(signed=True))
+    assert torch.equal(state["qmap2"], F.create_dynamic_map(signed=False))
+    # one fp32 scale per block: 16384 / 256 = 64 blocks, each the block's largest |moment|.
+    # After one step from zero: m = (1 − β1) · g = 0.1 · g and v = (1 − β2) · g² = 0.001 · g².
+    g = gradients.grads[LARGE].reshape(-1, BLOCK)
+    m, v = 0.1 * g, 0.001 * g * g
+    assert state["absmax1"].shape == state["absmax2"].shape == (64,)
+    torch.testing.assert_close(state["absmax1"], m.abs().amax(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(state["absmax2"], v.amax(1), rtol=1e-5, atol=0)
+    # the codes decode to the moments within half the widest gap between two codes (× scale)
+    for moment, codes, absmax, qmap in ((m, "state1", "absmax1", "qmap1"),
+                                        (v, "state2", "absmax2", "qmap2")):
+        decoded = F.dequantize_blockwise(state[codes], absmax=state[absmax],
+                                         code=state[qmap], blocksize=BLOCK).reshape(-1, BLOCK)
+        bound = state[qmap].diff().max() / 2 * state[absmax][:, None]
+        assert ((decoded - moment).abs() <= bound * (1 + 1e-5)).all(), codes
+    small = _state(optimizer, module, SMALL)
+    assert small["state1"].dtype == small["state2"].dtype == torch.float32
+    assert "qmap1" not in small
+
+
+def test_optimizer_state_bytes_adamw_vs_adamw8bit() -> None:
+    import bitsandbytes as bnb
+    weight = torch.nn.Parameter(torch.zeros(128, 128))
+    adamw, adamw8bit = AdamW([weight]), bnb.optim.AdamW8bit([weight])
+    weight.grad = torch.ones_like(weight)
+    adamw.step()
+    adamw8bit.step()
+    # AdamW: two fp32 moments, 2 · 16384 · 4 = 131072, and a fp32 step tensor, 4
+    assert optimizer_state_bytes(adamw) == 131076
+    # AdamW8bit: two uint8 moments, 2 · 16384 = 32768; two maps of 256 fp32 codes, 2048; two
+    # scales per 256-value block, 2 · 64 · 4 = 512; the step is a plain int
+    assert optimizer_state_bytes(adamw8bit) == 35328
+    # a second parameter shares the maps: + 2 · 16384 + 2 · 64 · 4 = 33280
+    other = torch.nn.Parameter(torch.zeros(128, 128))
+    both = bnb.optim.AdamW8bit([weight, other])
+    other.grad = torch.ones_like(other)
+    both.step()
+    assert optimizer_state_bytes(both) == 35328 + 33280
+
+
+def test_adamw8bit_state_survives_a_checkpoint(tmp_path) -> None:
+    first = _adamw8bit_module()
+    trainer = _fit(first, 1)
+    path = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(path)
+    saved = trainer.optimizers[0].state_dict()
+
+    class Restored(L.Callback):
+        """The optimiser's state as restored, before the resumed run's first step."""
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.state = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    resumed, restored = _adamw8bit_module(), Restored()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[restored])
+    trainer.fit(resumed, ckpt_path=path)
+    _assert_states_equal(restored.state, saved)
+    state = _state(trainer.optimizers[0], resumed, LARGE)
+    assert state["step"] == 2 and state["state1"].dtype == torch.uint8  # and it kept training
+
+
+def test_adamw8bit_state_survives_a_rollback() -> None:
+    module = _adamw8bit_module()
+    trainer = _fit(module, 1)
+    (optimizer,) = trainer.optimizers
+    snapshot = TrainingSnapshot.capture(module)
+    before = copy.deepcopy(optimizer.state_dict())
+    # one more step changes the codes, the scales and the step count
+    module.policy.zero_grad()
+    for p in module.policy.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    optimizer.step()
+    assert _state(optimizer, module, LARGE)["step"] == 2
+    snapshot.restore(module, keep=True)
+    _assert_states_equal(optimizer.state_dict(), before)
+    assert _state(optimizer, module, LARGE)["state1"].dtype == torch.uint8

@@ -1,5 +1,6 @@
 """trustregion: RL post-training of language models with a pluggable trust region."""
 
+from trustregion.known_noise import drop_torchao_import_noise
 from trustregion.penalties import EntropyBonus, ReferenceKL
 from trustregion.strategies import (
     StrategyOutput,
@@ -9,6 +10,8 @@ from trustregion.strategies import (
     get_strategy,
     register_strategy,
 )
+
+drop_torchao_import_noise()  # before transformers imports torchao with the first model class
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,17 @@ from dataclasses import dataclass
 
 from trustregion.validation import integer_at_least
 
-__all__ = ["BatchSettings"]
+__all__ = ["BatchSettings", "multiples_near"]
+
+
+def multiples_near(value: int, factor: int) -> str:
+    """The multiples of ``factor`` on either side of ``value``, for error messages.
+
+    >>> multiples_near(6, 4), multiples_near(3, 4)
+    ('4 or 8', '4')
+    """
+    below = value // factor * factor
+    return f"{below} or {below + factor}" if below else str(factor)
 
 
 @dataclass(frozen=True)
@@ -52,16 +62,23 @@ class BatchSettings:
         return self.ppo_epochs * -(-self.sequences // self.mini_batch_size)
 
     def check_world_size(self, world_size: int) -> None:
-        """Refuse sizes that ranks cannot share evenly (whole prompts, equal mini-batches)."""
+        """Refuse sizes that ranks cannot share evenly (whole prompts, equal mini-batches).
+
+        >>> BatchSettings(prompts_per_step=6).check_world_size(4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: batching.prompts_per_step=6 must be a multiple of the number of processes, 4 \
+(trainer.devices × trainer.num_nodes), for example 4 or 8: ...
+        """
         if world_size <= 1:
             return
         for name in ("prompts_per_step", "mini_batch_size"):
             value = getattr(self, name)
             if value % world_size:
                 raise ValueError(
-                    f"{name}={value} must be a multiple of the number of processes "
-                    f"({world_size}): each rank samples whole prompt groups and takes an equal "
-                    "share of every optimiser step")
+                    f"batching.{name}={value} must be a multiple of the number of processes, "
+                    f"{world_size} (trainer.devices × trainer.num_nodes), for example "
+                    f"{multiples_near(value, world_size)}: each rank samples whole prompt "
+                    "groups and takes an equal share of every optimiser step")
 
     def per_rank(self, world_size: int) -> tuple[int, int, int]:
         """(prompts, mini-batch sequences, micro-batch sequences) of one rank."""

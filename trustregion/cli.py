@@ -12,6 +12,9 @@
 * ``trustregion strategies`` — the registered strategies with their settings and defaults.
 * ``trustregion plot RUN_DIR`` — draw a finished run's charts from its logs
   (:mod:`trustregion.plots`).
+* ``trustregion export CKPT OUT_DIR`` — write a checkpoint's policy (one file, or a sharded
+  checkpoint directory) as a Hugging Face ``save_pretrained`` directory
+  (:mod:`trustregion.export`).
 
 In a config, a strategy or a task is given as a registered name (``trust_region: drpo``), as a
 name with settings (``trust_region: {name: drpo, delta: 0.1}``) or as a class path
@@ -32,15 +35,17 @@ from lightning.pytorch.cli import LightningCLI
 
 from trustregion.callbacks.checkpoint import (
     RolloutCheckpoint,
+    check_world_size,
     fit_trainer_arguments,
     interruption_of,
 )
 from trustregion.callbacks.collapse_guard import TrainingCollapsed
 from trustregion.callbacks.completion_writer import CompletionWriter
 from trustregion.callbacks.progress import drop_disabled_progress_bars
-from trustregion.checkpointing import CorruptCheckpointError
+from trustregion.checkpointing import CorruptCheckpointError, read_recorded_state
 from trustregion.known_noise import quiet_known_noise
 from trustregion.module import TrustRegionModule
+from trustregion.optim import with_torch_class_paths
 from trustregion.prediction import PredictionRefused, PredictionSettings
 from trustregion.resume import RecordedConfig, Resume, ResumeRefused, check_resume, print_report
 from trustregion.specs import strategy_from_spec, task_from_spec, to_spec
@@ -48,14 +53,17 @@ from trustregion.strategies import DRPO, TrustRegionStrategy, available_strategi
 from trustregion.tasks import Arithmetic, Task
 from trustregion.tasks.jsonl import load_jsonl_prompts
 
-__all__ = ["TrustRegionCLI", "main", "plot_command"]
+__all__ = ["TrustRegionCLI", "export_command", "main", "plot_command"]
 
 SUBCOMMANDS = ("fit", "validate", "predict")
-"""The Lightning subcommands ``trustregion`` offers; ``strategies`` and ``plot`` are its own."""
+"""The Lightning subcommands ``trustregion`` offers; ``strategies``, ``plot`` and ``export`` are
+its own."""
 HELP_EPILOG = (
     "other commands: 'trustregion strategies' lists the registered trust-region strategies "
     "with their settings; 'trustregion plot RUN_DIR' draws a run's charts from its logs "
-    "(trustregion plot --help). 'trustregion validate --config FILE --ckpt_path CKPT' "
+    "(trustregion plot --help). 'trustregion export CKPT OUT_DIR' writes a checkpoint's "
+    "policy as a Hugging Face model directory (trustregion export --help). "
+    "'trustregion validate --config FILE --ckpt_path CKPT' "
     "evaluates a checkpoint on the task's held-out prompts (needs model.evaluation). "
     "'trustregion predict --config FILE --ckpt_path CKPT --prediction.prompts PROMPTS.jsonl "
     "--prediction.output OUT.jsonl' writes the policy's completions of a prompt file "
@@ -155,8 +163,21 @@ class TrustRegionCLI(LightningCLI):
         from the checkpoint's (:mod:`trustregion.resume`)."""
         if args is None or isinstance(args, Sequence):
             refuse_top_level_parts(parser, sys.argv[1:] if args is None else args)
+            # a bare optimiser or scheduler name is torch's class of that name
+            if args is None:
+                sys.argv[1:] = with_torch_class_paths(sys.argv[1:])
+            else:
+                args = with_torch_class_paths(args)
         super().parse_arguments(parser, args)
         self.resume = check_resume(parser, self.config)
+
+    def before_fit(self) -> None:
+        """With ``--ckpt_path``, refuse a checkpoint written by another number of processes
+        before any process is started (:func:`~trustregion.callbacks.checkpoint.
+        check_world_size`)."""
+        if self.resume is not None and "://" not in self.resume.path:
+            check_world_size(read_recorded_state(self.resume.path), self.trainer.world_size,
+                             self.resume.path)
 
     def before_instantiate_classes(self) -> None:
         # Lightning's CLI parses the checkpoint's hyperparameters over the given model
@@ -241,6 +262,33 @@ def plot_command(args: Sequence[str]) -> None:
         print(path)
 
 
+def export_command(args: Sequence[str]) -> None:
+    """``trustregion export CKPT OUT_DIR``: write the checkpoint's policy as a Hugging Face
+    model directory (:func:`trustregion.export.export_policy`) and print its path; exits with
+    status 2 and one line on a missing or corrupt checkpoint or an unusable ``OUT_DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="trustregion export",
+        description="Write a checkpoint's policy as a Hugging Face save_pretrained directory "
+                    "(config.json, model.safetensors, tokenizer) that "
+                    "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads and a new run can "
+                    "start from (model.policy: OUT_DIR).",
+        epilog="CKPT is a checkpoint written by trustregion fit: a file, or a sharded "
+               "checkpoint directory written by several processes (FSDP), consolidated here "
+               "on one process. Its checksums are verified; the model is rebuilt from the "
+               "policy source it records, which must still be available. OUT_DIR must not "
+               "exist or be empty.")
+    parser.add_argument("checkpoint", metavar="CKPT", type=Path, help="checkpoint to export")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="directory to write")
+    options = parser.parse_args(list(args))
+    from trustregion.export import ExportRefused, export_policy
+
+    try:
+        out = export_policy(options.checkpoint, options.out_dir)
+    except (FileNotFoundError, CorruptCheckpointError, ExportRefused) as err:
+        parser.exit(2, f"trustregion export: {err}\n")
+    print(out)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trustregion`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -249,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[:1] == ["plot"]:
         plot_command(args[1:])
+        return
+    if args[:1] == ["export"]:
+        export_command(args[1:])
         return
     if args[:1] and args[0] in REMOVED:
         print(f"trustregion: {REMOVED[args[0]]}", file=sys.stderr)

@@ -16,12 +16,18 @@ match under every built-in reward, whose rewards lie in [0, 1]).
 Each process scores its share of the prompts and adds to an :class:`EvaluationTotals` of sums;
 the sums are added across processes before the means are taken, so the values are those of the
 whole prompt list.
+
+With the policy sharded across processes (FSDP), every forward pass is a collective, so the
+processes generate in lockstep (:func:`evaluate_share` with ``synced=True``): each keeps running
+forward passes until the completions of every process have ended, and a process whose share of
+a batch is empty generates for a stand-in prompt that it does not score.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +35,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from trustregion.data import BatchList, in_batches
+from trustregion.data import BatchList, IndexedBatch, in_batches
 from trustregion.metric_reduction import Reduce, reduce_across_ranks
 from trustregion.rollout import (
     completion_mask_from,
@@ -52,6 +58,7 @@ __all__ = [
     "check_schedule",
     "evaluate",
     "evaluate_examples",
+    "evaluate_share",
     "generate_completions",
     "pass_at_k",
     "rank_share",
@@ -215,12 +222,12 @@ class EvaluationTotals:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
 
 
-@dataclass(frozen=True)
-class ValidationBatch:
+class ValidationBatch(IndexedBatch[Example]):
     """The ``index``-th batch of an evaluation's prompts (every process's share)."""
 
-    index: int
-    examples: list[Example]
+    @property
+    def examples(self) -> list[Example]:
+        return self.items
 
 
 class ValidationBatches(BatchList[ValidationBatch]):
@@ -243,22 +250,35 @@ def rank_share(examples: Sequence[Example], rank: int, world_size: int) -> list[
 def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                          prompts: Sequence[str], *, samples: int = 1, greedy: bool = False,
                          temperature: float = 1.0, top_p: float = 1.0,
-                         max_new_tokens: int = 16, chat_template: bool = False) -> list[str]:
+                         max_new_tokens: int = 16, chat_template: bool = False,
+                         synced: bool = False) -> list[str]:
     """``samples`` completions of each prompt (greedy: one), prompt by prompt, decoded up to
-    the first end-of-sequence token. The model is in eval mode while it generates."""
+    the first end-of-sequence token. The model is in eval mode while it generates.
+
+    ``synced``: every process calls this together with a model sharded across them (FSDP),
+    whose forward passes are collectives. Each process then keeps running forward passes until
+    the completions of every process have ended (Hugging Face's ``synced_gpus``), so each needs
+    at least one prompt; and the model runs outside ``torch.inference_mode``, whose tensors
+    FSDP would keep as gathered weights that training could not update afterwards.
+    """
     repeats = 1 if greedy else samples
     texts = [prompt for prompt in prompts for _ in range(repeats)]
+    require(bool(texts) or not synced,
+            "a synced generation needs at least one prompt on every process (the others wait "
+            "for its forward passes); give a process with no prompt a stand-in one")
     if not texts:
         return []
     device = next(model.parameters()).device
-    ids, mask = encode_prompts(tokenizer, texts, chat_template=chat_template)
-    ids, mask = ids.to(device), mask.to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
                               **sampling)
-    sequences = generate_in_eval_mode(model, ids, mask, config)
+    with torch.inference_mode(False) if synced else nullcontext(), torch.no_grad():
+        ids, mask = encode_prompts(tokenizer, texts, chat_template=chat_template)
+        ids, mask = ids.to(device), mask.to(device)
+        sequences = generate_in_eval_mode(model, ids, mask, config,
+                                          synced_gpus=True if synced else None)
     completions = sequences[:, ids.shape[1]:]
     kept = completion_mask_from(completions, eos_ids)
     return decode_completions(tokenizer, completions, kept)
@@ -267,26 +287,51 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 def evaluate_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
                       examples: Sequence[Example], settings: EvaluationSettings,
                       totals: EvaluationTotals, *, max_new_tokens: int, seed: int,
-                      chat_template: bool = False) -> None:
+                      chat_template: bool = False, synced: bool = False) -> None:
     """Generate and score the completions of ``examples`` and add them to ``totals``; sampled
-    decoding draws from a generator seeded with ``seed``."""
-    if not examples:
+    decoding draws from a generator seeded with ``seed``. ``synced``: as in
+    :func:`generate_completions` (``examples`` must not be empty)."""
+    if not examples and not synced:
         return
     prompts = [ex.prompt for ex in examples]
     if settings.greedy:
         texts = generate_completions(model, tokenizer, prompts, greedy=True,
-                                     max_new_tokens=max_new_tokens, chat_template=chat_template)
+                                     max_new_tokens=max_new_tokens, chat_template=chat_template,
+                                     synced=synced)
         totals.add_greedy(task.reward(texts, examples).tolist())
     if settings.samples:
         with seeded(seed, next(model.parameters()).device):
             texts = generate_completions(model, tokenizer, prompts, samples=settings.samples,
                                          temperature=settings.temperature,
                                          top_p=settings.top_p, max_new_tokens=max_new_tokens,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template, synced=synced)
         repeated = [ex for ex in examples for _ in range(settings.samples)]
         rewards = task.reward(texts, repeated).tolist()
         n = settings.samples
         totals.add_sampled([rewards[i:i + n] for i in range(0, len(rewards), n)])
+
+
+def evaluate_share(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                   batch: ValidationBatch, settings: EvaluationSettings,
+                   totals: EvaluationTotals, *, max_new_tokens: int, seed: int = 0,
+                   rank: int = 0, world_size: int = 1, synced: bool = False,
+                   chat_template: bool = False) -> None:
+    """Score process ``rank``'s share of ``batch`` (:func:`rank_share`) into ``totals``; sampled
+    decoding is seeded by :func:`batch_seed` of ``seed``, the batch's index and ``rank``.
+
+    ``synced``: every process calls this for the same batch with a model sharded across them
+    (FSDP); they generate in lockstep (see :func:`generate_completions`), and a process whose
+    share is empty generates for the batch's first prompt as a stand-in, counted nowhere.
+    """
+    world_size = integer_at_least("world_size", world_size, 1)
+    rank = integer_at_least("rank", rank, 0)
+    require(rank < world_size, f"rank must be < world_size={world_size}; got {rank}")
+    share = rank_share(batch.examples, rank, world_size)
+    if synced and not share:
+        share, totals = batch.examples[:1], EvaluationTotals(settings)  # discarded
+    evaluate_examples(model, tokenizer, task, share, settings, totals,
+                      max_new_tokens=max_new_tokens, seed=batch_seed(seed, batch.index, rank),
+                      chat_template=chat_template, synced=synced)
 
 
 def batch_seed(seed: int, batch_index: int, rank: int = 0) -> int:
@@ -303,9 +348,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
     totals = EvaluationTotals(settings)
     examples = task.validation_examples(settings.prompts)
     for batch in validation_batches(examples, settings.batch_size):
-        evaluate_examples(model, tokenizer, task, batch.examples, settings, totals,
-                          max_new_tokens=max_new_tokens, seed=batch_seed(seed, batch.index),
-                          chat_template=chat_template)
+        evaluate_share(model, tokenizer, task, batch, settings, totals,
+                       max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template)
     return {key: float(value) for key, value in totals.metrics().items()}
 
 

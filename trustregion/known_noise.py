@@ -13,6 +13,12 @@ What goes, and why each is harmless here:
 * Lightning's warning that a ``ModelCheckpoint`` under manual optimisation saves the state after
   the optimiser step: a rollout batch is saved once its updates are done, which is the state a
   resumed run continues from.
+
+One more filter holds from ``import trustregion`` on (:func:`drop_torchao_import_noise`):
+torchao, when installed, is imported by transformers as soon as a model class is, and on a
+machine without its CUDA extensions it logs "Failed to load ..._C_mxfp8..." for each, a
+"Detected no triton" notice, and PyTorch's notice that it calls a deprecated
+``register_constant()``. None concerns the run; every other torchao message passes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-__all__ = ["LIGHTNING_TIP", "quiet_known_noise"]
+__all__ = ["LIGHTNING_TIP", "TORCHAO_IMPORT_NOISE", "drop_torchao_import_noise",
+           "quiet_known_noise"]
 
 LIGHTNING_TIP = "💡 Tip:"
 """How Lightning's advertising lines begin."""
@@ -34,6 +41,36 @@ _HARMLESS_WARNINGS = (
     (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", Warning),
 )
+
+
+TORCHAO_IMPORT_NOISE = (
+    ("torchao", "Failed to load"),
+    ("torchao.kernel.intmm", "Detected no triton"),
+    ("torch.utils._pytree", "Calling register_constant() on Enum subclasses is deprecated"),
+)
+"""What torchao's import logs where its CUDA extensions or Triton are missing: the logger each
+comes from and a fragment of its message."""
+
+
+class _DropFragment(logging.Filter):
+    """Drops log records whose message holds ``fragment``."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def drop_torchao_import_noise() -> None:
+    """Filter :data:`TORCHAO_IMPORT_NOISE` for the rest of the process (calling it again adds
+    nothing)."""
+    for name, fragment in TORCHAO_IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropFragment) and f.fragment == fragment
+                   for f in logger.filters):
+            logger.addFilter(_DropFragment(fragment))
 
 
 class _WithoutTips(logging.Filter):

@@ -22,7 +22,7 @@ The module never looks at which strategy or penalty it holds.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import inspect
 import math
 import warnings
@@ -34,7 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -49,9 +50,8 @@ from trustregion.evaluation import (
     batch_seed,
     check_every_prompt_scored,
     check_schedule,
-    evaluate_examples,
+    evaluate_share,
     generate_completions,
-    rank_share,
     validation_batches,
 )
 from trustregion.functional.aggregation import (
@@ -67,6 +67,14 @@ from trustregion.metric_reduction import MetricAccumulator, Reduce, reduce_acros
 from trustregion.models.loading import TINY, load_model, prepare_tokenizer
 from trustregion.optim import AdamW, LinearWarmup
 from trustregion.penalties import Penalty
+from trustregion.precision import (
+    PrecisionSettings,
+    describe_fp8_paths,
+    enable_fp8_training,
+    load_weights,
+    low_precision_copy,
+)
+from trustregion.precision.trainer import check_trainer_precision, precision_summary
 from trustregion.prediction import (
     Completion,
     PredictionBatch,
@@ -92,6 +100,16 @@ from trustregion.rollout import (
     prompt_lengths,
     seeded,
 )
+from trustregion.sharding import (
+    check_fsdp_layout,
+    check_strategy,
+    clip_grad_norm,
+    differing_models,
+    full_state_dict,
+    gradient_sync_skipped,
+    is_sharded,
+    shard_model,
+)
 from trustregion.specs import to_spec
 from trustregion.step_log import StepLog
 from trustregion.stopping import unbounded_run_warning
@@ -107,16 +125,6 @@ __all__ = ["TrustRegionModule", "UpdateRecord"]
 # both would only mislead here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
-
-_MODELS = ("policy", "behavior")
-"""The models whose weights a training state holds (the reference never changes)."""
-
-
-def _frozen(model: PreTrainedModel) -> PreTrainedModel:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
 
 def _callable_spec(value: Any) -> Any:
     """A config form of an optimiser or scheduler callable for ``hparams.yaml``: a class as
@@ -154,6 +162,10 @@ class TrustRegionModule(L.LightningModule):
             initial policy. Built only when a penalty needs it.
         sampling: how the behaviour model samples (temperature, top-p, top-k,
             ``max_new_tokens``).
+        precision: the precision of the behaviour and reference models (``fp32``, ``bf16``,
+            ``fp16``, ``int8``, ``nf4``, ``fp8``) and whether the policy trains its Linear
+            layers in FP8 (:mod:`trustregion.precision`); the policy's own dtype and autocast
+            follow ``trainer.precision``.
         batching: group size, prompts per step, PPO epochs, mini- and micro-batch sizes.
         evaluation: held-out evaluation of the policy (:mod:`trustregion.evaluation`), run
             every ``trainer.val_check_interval`` rollout batches and by ``trustregion
@@ -185,6 +197,7 @@ class TrustRegionModule(L.LightningModule):
         policy: str = TINY,
         reference: str | None = None,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen)
+        precision: PrecisionSettings = PrecisionSettings(),  # noqa: B008 (frozen)
         batching: BatchSettings = BatchSettings(),  # noqa: B008 (frozen)
         evaluation: EvaluationSettings | None = None,
         advantage_estimator: AdvantageEstimator = "grpo",
@@ -206,6 +219,7 @@ class TrustRegionModule(L.LightningModule):
                              f"{type(self.trust_region).__name__}")
         self.task = task if task is not None else Arithmetic()
         for name, value, kind in (("sampling", sampling, SamplingSettings),
+                                  ("precision", precision, PrecisionSettings),
                                   ("batching", batching, BatchSettings)):
             if not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}; got {type(value).__name__}")
@@ -231,11 +245,18 @@ class TrustRegionModule(L.LightningModule):
         prepare_tokenizer(self.tokenizer, policy, pad_token=pad_token,
                           chat_template=chat_template)
         self.policy.train()
-        self.behavior: PreTrainedModel = _frozen(copy.deepcopy(self.policy))
+        self.precision = precision
+        self.behavior: PreTrainedModel = low_precision_copy(
+            self.policy, precision.behavior, compute=precision.compute,
+            quantize_lm_head=precision.quantize_lm_head, setting="precision.behavior")
         self.reference: PreTrainedModel | None = None
         if any(p.needs_reference for p in self.penalties):
-            self.reference = _frozen(copy.deepcopy(self.policy) if reference is None
-                                     else load_model(reference)[0])
+            self.reference = low_precision_copy(
+                self.policy if reference is None else load_model(reference)[0],
+                precision.reference, compute=precision.compute,
+                quantize_lm_head=precision.quantize_lm_head, setting="precision.reference")
+        if precision.policy == "fp8":
+            enable_fp8_training(self.policy, quantize_lm_head=precision.quantize_lm_head)
 
         self.sampling = sampling
         self.batching = batching
@@ -279,14 +300,15 @@ class TrustRegionModule(L.LightningModule):
     def _save_config_form(self) -> None:
         """Hyperparameters in their config form, so ``hparams.yaml`` shows every setting and
         ``trustregion fit --ckpt_path`` rebuilds the run as configured."""
-        self.save_hyperparameters(ignore=["trust_region", "task", "sampling", "batching",
-                                          "evaluation", "penalties"])
+        self.save_hyperparameters(ignore=["trust_region", "task", "sampling", "precision",
+                                          "batching", "evaluation", "penalties"])
         given = dict(self.hparams)
         self.save_hyperparameters({
             **given,
             "trust_region": to_spec(self.trust_region),
             "task": to_spec(self.task),
             "sampling": asdict(self.sampling),
+            "precision": asdict(self.precision),
             "batching": asdict(self.batching),
             "evaluation": self.evaluation.config() if self.evaluation is not None else None,
             "penalties": [_penalty_spec(p) for p in self.penalties] or None,
@@ -326,13 +348,15 @@ class TrustRegionModule(L.LightningModule):
         self._record_topk = max(self._record_topk, k)
 
     def training_state(self) -> dict[str, Any]:
-        """Everything that undoing an iteration must restore: the policy's and behaviour's
-        parameters and buffers, every optimiser's and scheduler's state, and the behaviour-sync
+        """Everything that undoing an iteration must restore: the policy's parameters and
+        buffers, the behaviour model's state (its ``state_dict``, which holds a quantised
+        model's scales too), every optimiser's and scheduler's state, and the behaviour-sync
         counter. Tensors are the live ones; copy before keeping. The prompt position and the
         trainer's step counter are not part of it (an undone iteration still counts)."""
         return {
-            "models": {name: {**dict(getattr(self, name).named_parameters()),
-                              **dict(getattr(self, name).named_buffers())} for name in _MODELS},
+            "models": {"policy": {**dict(self.policy.named_parameters()),
+                                  **dict(self.policy.named_buffers())},
+                       "behavior": self.behavior.state_dict(keep_vars=True)},
             "optimizers": [o.state_dict() for o in self._optimizers()],
             "schedulers": [s.state_dict() for s in self._schedulers()],
             "counters": {"steps_since_sync": self.steps_since_sync},
@@ -342,11 +366,11 @@ class TrustRegionModule(L.LightningModule):
         """Restore a :meth:`training_state`: weights are copied in place, optimiser and
         scheduler states loaded (they adopt the given tensors), counters set."""
         with torch.no_grad():
-            for name, saved in state["models"].items():
-                model = getattr(self, name)
-                live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-                for key, value in saved.items():
-                    live[key].copy_(value)
+            live = {**dict(self.policy.named_parameters()),
+                    **dict(self.policy.named_buffers())}
+            for key, value in state["models"]["policy"].items():
+                live[key].copy_(value)
+            self.behavior.load_state_dict(state["models"]["behavior"])
         for optimizer, saved in zip(self._optimizers(), state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self._schedulers(), state["schedulers"], strict=True):
@@ -365,8 +389,10 @@ class TrustRegionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- data
     def train_dataloader(self) -> PromptStream:
+        """This process's share of every prompt batch, from the next batch of the run on."""
         return PromptStream(self.task, self.batching.prompts_per_step, seed=self.seed,
-                            start=self.next_prompt_batch)
+                            start=self.next_prompt_batch, rank=self.trainer.global_rank,
+                            world_size=self.trainer.world_size)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device,
                                  dataloader_idx: int) -> Any:
@@ -381,7 +407,13 @@ class TrustRegionModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self._check_sharded_run()
         self.batching.check_world_size(self.trainer.world_size)
+        # before Lightning casts the module for a "*-true" precision
+        check_trainer_precision(str(self.trainer.precision), self.precision,
+                                has_reference=self.reference is not None)
         if stage == "fit":
             check_schedule(self.evaluation,
                            val_check_interval=self.trainer.val_check_interval,
@@ -401,6 +433,42 @@ class TrustRegionModule(L.LightningModule):
                     "predicting needs prompts: call prepare_prediction(prompts, settings) "
                     "first (trustregion predict does, from --prediction.prompts)")
 
+    def _check_sharded_run(self) -> None:
+        """Refuse what FSDP (``ModelParallelStrategy``) cannot run: one process and tensor
+        parallelism."""
+        mesh = self.device_mesh
+        check_fsdp_layout(self.trainer.world_size,
+                          mesh["tensor_parallel"].size() if mesh is not None else 1)
+
+    def configure_model(self) -> None:
+        """With several processes, check that every process built the same models; under
+        Lightning's ``ModelParallelStrategy``, then shard the policy with FSDP2 (see
+        :mod:`trustregion.sharding`).
+
+        The behaviour and reference models stay replicated, a whole copy on every process: the
+        behaviour model is the inference engine each process samples its own prompts with, and
+        the reference is frozen; both only run forward. Every process must have built the same
+        models (pretrained weights, or a seeded run): DDP broadcasts only the policy's
+        parameters and buffers, not a quantised model's scales, and FSDP broadcasts nothing, so
+        models whose weights differ between processes are refused here, before anything is
+        sharded. Lightning may call this hook more than once (each ``fit``, ``validate``): a
+        policy that is sharded already is left as it is.
+        """
+        if self.trainer.world_size <= 1 or is_sharded(self.policy):
+            return
+        mesh = self.device_mesh
+        group = mesh["data_parallel"].get_group() if mesh is not None else None
+        differing = differing_models(
+            {"policy": self.policy, "behavior": self.behavior, "reference": self.reference},
+            group, device=self.trainer.strategy.root_device)
+        require(not differing,
+                f"the processes built different {' and '.join(differing)} weights (a random "
+                "initialisation without a seed?); seed the run (seed_everything, or "
+                "L.seed_everything before building the module) or load pretrained weights, so "
+                "that every process starts from the same models")
+        if mesh is not None:
+            shard_model(self.policy, mesh["data_parallel"])
+
     def on_train_start(self) -> None:
         # Lightning restores the optimiser and scheduler before this hook, with the settings
         # they were saved with: an optimiser or scheduler setting configured differently since
@@ -411,6 +479,7 @@ class TrustRegionModule(L.LightningModule):
             self._resumed_hparams = None
 
     def on_fit_start(self) -> None:
+        rank_zero_info(self.precision_summary())
         # A dataset's prompts are all checked before the first rollout, so a long one drawn late
         # cannot end a run hours in; generated tasks are checked batch by batch.
         examples = self.task.all_examples()
@@ -420,6 +489,16 @@ class TrustRegionModule(L.LightningModule):
         endless = unbounded_run_warning(self.trainer, self.optimizer_steps_per_rollout)
         if endless is not None:
             rank_zero_warn(endless)
+
+    def precision_summary(self) -> str:
+        """Each model's precision and, with FP8 models, whether their matmuls run in FP8 on
+        this device or are emulated; logged once when training starts."""
+        fp8_models = [m for m, p in ((self.behavior, self.precision.behavior),
+                                     (self.reference, self.precision.reference))
+                      if m is not None and p == "fp8"]
+        return precision_summary(
+            str(self.trainer.precision), self.precision, has_reference=self.reference is not None,
+            fp8_paths=describe_fp8_paths(fp8_models[0], self.device) if fp8_models else None)
 
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
@@ -467,14 +546,15 @@ class TrustRegionModule(L.LightningModule):
         self._evaluation_totals = EvaluationTotals(self.evaluation)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> None:
-        """Score the policy on this process's share of ``batch``."""
+        """Score the policy on this process's share of ``batch``; with the policy sharded
+        (FSDP), every process generates in lockstep, a process without a prompt in ``batch``
+        included (see :func:`~trustregion.evaluation.evaluate_share`)."""
         assert self.evaluation is not None and self._evaluation_totals is not None
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        evaluate_examples(
-            self.policy, self.tokenizer, self.task, rank_share(batch.examples, rank, world),
-            self.evaluation, self._evaluation_totals,
-            max_new_tokens=self._evaluation_max_new_tokens,
-            seed=batch_seed(self.seed, batch.index, rank), chat_template=self.chat_template)
+        evaluate_share(
+            self.policy, self.tokenizer, self.task, batch, self.evaluation,
+            self._evaluation_totals, max_new_tokens=self._evaluation_max_new_tokens,
+            seed=self.seed, rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+            synced=is_sharded(self.policy), chat_template=self.chat_template)
 
     def on_validation_epoch_end(self) -> None:
         """Log the evaluation's values, over every process, at the index of the last trained
@@ -524,17 +604,10 @@ class TrustRegionModule(L.LightningModule):
                            completion=texts[i * repeats + s])
                 for i, p in enumerate(batch.prompts) for s in range(repeats)]
 
-    def local_examples(self, batch: PromptBatch) -> list[Any]:
-        """This process's share of a prompt batch: a contiguous slice of whole prompts."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        if world <= 1:
-            return list(batch.examples)
-        share = len(batch.examples) // world
-        return list(batch.examples[rank * share:(rank + 1) * share])
-
     def rollout(self, batch: PromptBatch) -> tuple[Rollout, RolloutStats]:
-        """Sample this process's share of ``batch`` and score it."""
-        examples = self.local_examples(batch)
+        """Sample and score ``batch``: this process's share of the prompts (the prompt stream
+        holds only that share, whole prompts, so a group never spans processes)."""
+        examples = list(batch.examples)
         if self.task.all_examples() is None:  # a dataset was checked whole in on_fit_start
             self._check_prompts([ex.prompt for ex in examples],
                                 source=f"prompt batch {batch.index}")
@@ -546,10 +619,18 @@ class TrustRegionModule(L.LightningModule):
         return self.score(rollout)
 
     def sample(self, examples: Sequence[Any]) -> Rollout:
-        """``group_size`` completions per example from the behaviour model."""
-        return generate_rollout(
-            self.behavior, self.tokenizer, examples, group_size=self.batching.group_size,
-            sampling=self.sampling, topk=self.behavior_topk, chat_template=self.chat_template)
+        """``group_size`` completions per example from the behaviour model, at its own
+        precision (outside the trainer's autocast)."""
+        with self._own_precision():
+            return generate_rollout(
+                self.behavior, self.tokenizer, examples, group_size=self.batching.group_size,
+                sampling=self.sampling, topk=self.behavior_topk,
+                chat_template=self.chat_template)
+
+    def _own_precision(self) -> Any:
+        """A context in which the behaviour and reference models compute at their own
+        precision: the trainer's autocast (``bf16-mixed``) switched off."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def score(self, rollout: Rollout) -> tuple[Rollout, RolloutStats]:
         """Rewards, old and reference log-probs if needed, in-reward penalties, advantages."""
@@ -558,7 +639,8 @@ class TrustRegionModule(L.LightningModule):
             if self.trust_region.anchor == "old":
                 rollout.old_logp = self._completion_logp(self.policy, rollout)
             if self.reference is not None:
-                rollout.ref_logp = self._completion_logp(self.reference, rollout)
+                with self._own_precision():
+                    rollout.ref_logp = self._completion_logp(self.reference, rollout)
         penalty: Tensor | None = None
         for term in self.penalties:
             if term.in_reward:
@@ -593,11 +675,17 @@ class TrustRegionModule(L.LightningModule):
                 micro_batches = [rollout.select(i) for i in mini_index.split(micro_size)]
                 counts = self._global_counts([m.completion_mask for m in micro_batches])
                 step_loss = torch.zeros((), device=self.device)
-                for micro in micro_batches:
-                    loss, record, metrics = self._micro_step(micro, counts)
-                    # Data-parallel gradients are averaged over ranks; the counts are global,
-                    # so each rank's loss is its share of the step's loss: undo the average.
-                    self.manual_backward(loss * self.trainer.world_size)
+                for position, micro in enumerate(micro_batches):
+                    # Gradients stay local until the step's last micro-batch, whose backward
+                    # synchronises everything accumulated: one exchange per optimiser step.
+                    last = position == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else \
+                            gradient_sync_skipped(self.trainer.strategy, self.policy):
+                        loss, record, metrics = self._micro_step(micro, counts)
+                        # Data-parallel gradients are averaged over ranks; the counts are
+                        # global, so each rank's loss is its share of the step's loss: undo
+                        # the average.
+                        self.manual_backward(loss * self.trainer.world_size)
                     records.append(record)
                     token_metrics.add(metrics, record.batch.mask,
                                       record.batch.token_advantages())
@@ -657,19 +745,14 @@ class TrustRegionModule(L.LightningModule):
     def _global_counts(self, masks: list[Tensor]) -> StepCounts:
         """Token and sequence counts of one optimiser step, summed over micro-batches and
         ranks."""
-        counts = step_counts(masks)
-        reduce = self._reduce()
-        if reduce is None:
-            return counts
-        summed = reduce(torch.stack([torch.as_tensor(counts.tokens),
-                                     torch.as_tensor(counts.sequences)]).to(self.device), "sum")
-        return StepCounts(tokens=summed[0], sequences=summed[1])
+        return step_counts(masks, reduce=self._reduce())
 
     def _clip_and_step(self, optimizer: LightningOptimizer, scheduler: Any) -> Tensor:
         """Clip gradients and step. A non-finite gradient is dropped first, so a NaN or inf never
         reaches the weights or the optimiser's moments; the (empty) step still counts towards
-        ``max_steps``. Returns the pre-clip norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        ``max_steps``. Returns the pre-clip norm, of the whole gradient when the policy is
+        sharded (the same on every process)."""
+        grad_norm = clip_grad_norm(self.policy.parameters(), self.max_grad_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are skipped
         optimizer.step()
@@ -733,8 +816,11 @@ class TrustRegionModule(L.LightningModule):
             self.sync_behavior()
 
     def sync_behavior(self) -> None:
-        """Copy the policy's weights into the behaviour model."""
-        self.behavior.load_state_dict(self.policy.state_dict())
+        """Send the policy's current weights to the behaviour model, the way an inference
+        engine receives them: gathered whole from every process when the policy is sharded,
+        then cast or re-quantised to the behaviour's precision
+        (:func:`~trustregion.precision.load_weights`)."""
+        load_weights(self.behavior, full_state_dict(self.policy))
         self.steps_since_sync = 0
 
     # -------------------------------------------------------------------------- helpers
@@ -776,6 +862,8 @@ class TrustRegionModule(L.LightningModule):
             "steps_since_sync": self.steps_since_sync,
             "next_prompt_batch": self.next_prompt_batch,
             "seed": self.seed,
+            # resuming on another number of processes is refused (RolloutCheckpoint)
+            "world_size": self.trainer.world_size,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

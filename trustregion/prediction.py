@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trustregion.data import BatchList, in_batches
+from trustregion.data import BatchList, IndexedBatch, in_batches
 from trustregion.tasks.jsonl import PromptLine
 from trustregion.validation import boolean, integer_at_least, non_empty_string, number_in, require
 
@@ -101,12 +101,12 @@ class Completion:
                 "line": self.line}
 
 
-@dataclass(frozen=True)
-class PredictionBatch:
+class PredictionBatch(IndexedBatch[PromptLine]):
     """The ``index``-th batch of a prompt file's prompts."""
 
-    index: int
-    prompts: list[PromptLine]
+    @property
+    def prompts(self) -> list[PromptLine]:
+        return self.items
 
 
 class PredictionBatches(BatchList[PredictionBatch]):

@@ -19,8 +19,10 @@ one you give:
   change: :data:`CHANGEABLE_MODEL_SETTINGS` (sampling, the mini-/micro-batch sizes and PPO
   epochs, the optimiser's and scheduler's settings such as ``lr``, ``max_grad_norm``,
   ``sync_every``, the evaluation settings) and everything outside ``model``: every trainer
-  setting (``max_steps``, precision, ...), callbacks, loggers and ``seed_everything`` (as far
-  as it does not change the module's seed).
+  setting (``max_steps``, precision, ...) but the number of processes (``trainer.devices`` ×
+  ``trainer.num_nodes``, checked by
+  :class:`~trustregion.callbacks.checkpoint.RolloutCheckpoint`), callbacks, loggers and
+  ``seed_everything`` (as far as it does not change the module's seed).
 
 A changed optimiser or scheduler setting is applied to the restored optimiser and scheduler
 after Lightning restored them (:func:`changed_init_args`); a learning rate that a callback

@@ -182,14 +182,17 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def generate_in_eval_mode(model: PreTrainedModel, ids: Tensor, mask: Tensor,
-                          config: GenerationConfig) -> Any:
+                          config: GenerationConfig, *, synced_gpus: bool | None = None) -> Any:
     """``model.generate`` from prompt ``ids`` and ``mask`` with ``config``, in eval mode (no
-    dropout); the model's train/eval mode is restored afterwards."""
+    dropout); the model's train/eval mode is restored afterwards. ``synced_gpus`` is passed to
+    ``generate``: True keeps every process running forward passes until all are done (a model
+    sharded across them); None lets Hugging Face decide."""
     was_training = model.training
     model.eval()
     try:
         return model.generate(  # type: ignore[operator]
-            input_ids=ids, attention_mask=mask.long(), generation_config=config)
+            input_ids=ids, attention_mask=mask.long(), generation_config=config,
+            synced_gpus=synced_gpus)
     finally:
         model.train(was_training)
 

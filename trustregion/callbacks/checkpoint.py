@@ -11,6 +11,22 @@ checkpoints`` for the quickstart), ``<default_root_dir>/checkpoints`` without a 
 file is written by the trainer's checkpoint I/O, which under ``trustregion fit`` is
 :class:`~trustregion.checkpointing.ChecksummedCheckpointIO` (atomic, checksummed).
 
+**Sharded checkpoints.** Under Lightning's ``ModelParallelStrategy`` (FSDP) every process writes
+its shard, and each checkpoint is a directory with the same name (``rollout=000050.ckpt/``,
+``last.ckpt/``; layout in :mod:`trustregion.checkpointing`). It is written under a hidden name
+(``.rollout=000050.ckpt.partial``), given its checksum manifest once every process has
+finished, and only then renamed into place, so a crash never leaves a half-written checkpoint
+under a checkpoint's name. ``keep_last`` deletes whole directories; ``last.ckpt`` is a copy of
+the newest one (hard links: no second copy of the data). A resumed sharded checkpoint is
+verified against its manifest before the first rollout batch: ``trustregion fit`` does it before
+anything is loaded, and this callback once Lightning has read the shards (Lightning reads them
+without the checkpoint I/O, so there is no earlier point to check them in ``Trainer.fit``).
+
+**World size.** Every checkpoint records how many processes wrote it. Resuming on another
+number of processes is refused before training starts (the prompt stream, the shards and each
+process's sampling are split by it); export the policy (``trustregion export``) to start a new
+run from its weights instead.
+
 **Collapse guard.** A save made while a :class:`~trustregion.callbacks.CollapseGuard` is firing
 (the rollout batch just finished raised one of its signals) is still written, but marked: its
 name ends in ``-guard_firing.ckpt`` and its state here records ``guard_firing: True``.
@@ -57,14 +73,26 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from trustregion.callbacks.collapse_guard import CollapseGuard
-from trustregion.checkpointing import GUARD_FIRING_SUFFIX, copy_checkpoint, with_checksummed_io
+from trustregion.checkpointing import (
+    GUARD_FIRING_SUFFIX,
+    CorruptCheckpointError,
+    copy_checkpoint,
+    install_checkpoint,
+    remove_checkpoint,
+    verify_checkpoint,
+    with_checksummed_io,
+    write_manifest,
+)
 from trustregion.interface import TrainingModule
+from trustregion.resume import ResumeRefused
 from trustregion.validation import boolean, integer_at_least, non_empty_string
 
-__all__ = ["Interruption", "RolloutCheckpoint", "fit_trainer_arguments", "interruption_of"]
+__all__ = ["Interruption", "RolloutCheckpoint", "check_world_size", "fit_trainer_arguments",
+           "interruption_of", "saved_world_size"]
 
 LAST = "last.ckpt"
 _PERIODIC = re.compile(rf"^rollout=(\d+)({re.escape(GUARD_FIRING_SUFFIX)})?\.ckpt$")
@@ -195,6 +223,30 @@ class RolloutCheckpoint(Checkpoint):
         self.rollouts = int(state_dict["rollouts"])
         self._restored = True
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another number of processes; verify one that the
+        trainer read without its checkpoint I/O (a sharded directory, or any checkpoint under
+        ``ModelParallelStrategy``) against its recorded checksums."""
+        path = trainer.ckpt_path
+        check_world_size(checkpoint, trainer.world_size, path or "the checkpoint")
+        if path is None or "://" in str(path) or not (
+                Path(path).is_dir() or isinstance(trainer.strategy, ModelParallelStrategy)):
+            return
+        error: CorruptCheckpointError | None = None
+        unverified = False
+        if trainer.is_global_zero:  # one process reads every file; all raise alike
+            try:
+                unverified = not verify_checkpoint(path)
+            except CorruptCheckpointError as corrupt:
+                error = corrupt
+        error = trainer.strategy.broadcast(error)
+        if error is not None:
+            raise error
+        if unverified:
+            rank_zero_warn(f"checkpoint {path} has no recorded checksum, so it could not be "
+                           "verified")
+
     # ----------------------------------------------------------------------------- saving
     def _save(self, trainer: L.Trainer) -> None:
         assert self.directory is not None, "setup() resolves the directory"
@@ -203,7 +255,7 @@ class RolloutCheckpoint(Checkpoint):
         path = self.directory / f"rollout={self.rollouts:06d}{suffix}.ckpt"
         self._saving_guard_firing = firing
         try:
-            trainer.save_checkpoint(path, weights_only=False)  # the full training state
+            _save_to(trainer, path)  # the full training state
         finally:
             self._saving_guard_firing = False
         self._saved_at = self.rollouts
@@ -225,7 +277,7 @@ class RolloutCheckpoint(Checkpoint):
         assert self.directory is not None, "setup() resolves the directory"
         self._saving_guard_firing = _guards_firing(trainer)
         try:
-            trainer.save_checkpoint(self.directory / LAST, weights_only=False)
+            _save_to(trainer, self.directory / LAST)
         finally:
             self._saving_guard_firing = False
         self.last_checkpoint = self.directory / LAST
@@ -233,13 +285,8 @@ class RolloutCheckpoint(Checkpoint):
 
     def _update_last(self, trainer: L.Trainer, path: Path) -> None:
         assert self.directory is not None
-        last = self.directory / LAST
-        # a single file is copied on rank zero; a sharded (directory) checkpoint is saved again
-        if trainer.strategy.broadcast(path.is_file()):
-            if trainer.is_global_zero:
-                copy_checkpoint(path, last)
-        else:
-            trainer.save_checkpoint(last, weights_only=False)
+        if trainer.is_global_zero:  # a file or a sharded directory; _save's barrier waits
+            copy_checkpoint(path, self.directory / LAST)
 
     # ---------------------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -270,6 +317,59 @@ class RolloutCheckpoint(Checkpoint):
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous_handlers = {}
+
+
+def _save_to(trainer: L.Trainer, path: Path) -> None:
+    """Save the full training state as ``path``; every process calls it.
+
+    Under ``ModelParallelStrategy``, which writes a directory of shards (or, with
+    ``save_distributed_checkpoint=False``, one file) without the checkpoint I/O, the checkpoint
+    is written under a hidden name beside ``path``, given its checksum manifest once every
+    process has finished, then renamed into place. Otherwise the checkpoint I/O writes ``path``
+    itself (atomically, under ``trustregion fit``)."""
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        trainer.save_checkpoint(path, weights_only=False)
+        return
+    partial = path.with_name(f".{path.name}.partial")  # the same name on every process
+    if trainer.is_global_zero:
+        remove_checkpoint(partial)  # left by a crash
+    trainer.strategy.barrier("RolloutCheckpoint.partial")
+    trainer.save_checkpoint(partial, weights_only=False)  # ends when every shard is written
+    if trainer.is_global_zero:
+        if partial.is_dir():
+            write_manifest(partial)
+        install_checkpoint(partial, path)
+    trainer.strategy.barrier("RolloutCheckpoint.installed")
+
+
+WORLD_SIZE = "world_size"
+"""The key of the number of processes that wrote a checkpoint, in its ``trustregion`` state."""
+
+
+def saved_world_size(checkpoint: Mapping[str, Any]) -> int | None:
+    """How many processes wrote ``checkpoint`` (None when it does not say: written before this
+    was recorded, or not by :class:`~trustregion.module.TrustRegionModule`).
+
+    >>> saved_world_size({"trustregion": {"world_size": 2}})
+    2
+    """
+    state = checkpoint.get("trustregion")
+    value = state.get(WORLD_SIZE) if isinstance(state, Mapping) else None
+    return int(value) if value is not None else None
+
+
+def check_world_size(checkpoint: Mapping[str, Any], world_size: int, path: Any) -> None:
+    """Refuse (:class:`~trustregion.resume.ResumeRefused`) to resume ``checkpoint``, read from
+    ``path``, on ``world_size`` processes when another number of processes wrote it."""
+    saved = saved_world_size(checkpoint)
+    if saved is None or saved == world_size:
+        return
+    raise ResumeRefused(
+        f"cannot resume from {path}: it was written by {saved} process{'es' * (saved != 1)} "
+        f"and this run has {world_size} (trainer.devices × trainer.num_nodes). A checkpoint "
+        f"resumes only on the number of processes that wrote it: set trainer.devices and "
+        f"trainer.num_nodes to make {saved}, or export its policy (trustregion export "
+        f"{path} OUT_DIR) and start a new run from it (model.policy: OUT_DIR)")
 
 
 def _guards(trainer: L.Trainer) -> list[CollapseGuard]:
@@ -330,7 +430,7 @@ def _prune(directory: Path, keep: int) -> None:
             groups[match.group(2) is not None].append((int(match.group(1)), path))
     for files in groups.values():
         for _, path in sorted(files, reverse=True)[keep:]:
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)  # a file, or a sharded checkpoint's directory
 
 
 def _without_ckpt_path(args: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from trustregion.interface import TrainingModule
+from trustregion.sharding import nonfinite_counts
 
 __all__ = ["TrainingSnapshot", "nonfinite_weights"]
 
@@ -30,16 +31,17 @@ def _copied(value: Any, device: torch.device | str | None) -> Any:
 def nonfinite_weights(module: TrainingModule) -> list[str]:
     """Names (``model.tensor``) of the module's trained and behaviour tensors that hold NaN or
     inf, with one host synchronisation."""
-    names, flags = [], []
+    names, weights = [], []
     for model, tensors in module.training_state()["models"].items():
         for name, tensor in tensors.items():
             if tensor.is_floating_point():
                 names.append(f"{model}.{name}")
-                flags.append(torch.isfinite(tensor).all())
-    if not flags:
+                weights.append(tensor)
+    if not weights:
         return []
-    finite = torch.stack(flags).tolist()
-    return [name for name, ok in zip(names, finite, strict=True) if not ok]
+    # whole tensors when the policy is sharded, so every process reaches the same verdict
+    counts = nonfinite_counts(weights).tolist()
+    return [name for name, count in zip(names, counts, strict=True) if count]
 
 
 @dataclass

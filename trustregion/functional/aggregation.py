@@ -18,6 +18,7 @@ all-zero mask gives a loss of exactly 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -40,13 +41,25 @@ class StepCounts:
     sequences: Tensor | float
 
 
-def step_counts(masks: list[Tensor] | Tensor) -> StepCounts:
-    """Counts over all micro-batch masks of one step (sum them across ranks for data parallel)."""
+def step_counts(masks: list[Tensor] | Tensor, *,
+                reduce: Callable[[Tensor, str], Tensor] | None = None) -> StepCounts:
+    """Counts over all micro-batch masks of one step.
+
+    With data parallelism pass ``reduce``, a cross-rank reduction called as
+    ``reduce(tensor, "sum")`` (for example ``lambda t, op: trainer.strategy.reduce(t,
+    reduce_op=op)``): the counts are then those of the whole step over every rank, and each
+    rank's loss is its share of the global loss, never a mean of rank means.
+    """
     if isinstance(masks, Tensor):
         masks = [masks]
     tokens = sum((m.sum(dtype=torch.float32) for m in masks), torch.tensor(0.0))
     seqs = sum(((m != 0).any(dim=-1).sum(dtype=torch.float32) for m in masks), torch.tensor(0.0))
-    return StepCounts(tokens=tokens, sequences=seqs)
+    if reduce is None:
+        return StepCounts(tokens=tokens, sequences=seqs)
+    device = masks[0].device if masks else None
+    summed = reduce(torch.stack([torch.as_tensor(tokens), torch.as_tensor(seqs)]).to(device),
+                    "sum")
+    return StepCounts(tokens=summed[0], sequences=summed[1])
 
 
 def check_aggregation(mode: str, horizon: int | None) -> None:

@@ -17,14 +17,15 @@ import lightning as L
 import pytest
 import torch
 from conftest import DigitRichArithmetic
+from parallel_run import SaveRun
+from rank_replay import ReplayModule, concatenated
 from row_logger import RowLogger
 
 from trustregion.batching import BatchSettings
 from trustregion.callbacks import CollapseGuard, DriftMonitor, TrustRegionController
-from trustregion.interface import StepOutput
 from trustregion.module import TrustRegionModule
 from trustregion.penalties import EntropyBonus, ReferenceKL
-from trustregion.rollout import Rollout, SamplingSettings
+from trustregion.rollout import SamplingSettings
 
 SETTINGS: dict[str, Any] = {
     # 4 prompts × 2 completions; one optimiser step of all 8 sequences, in micro-batches of 2
@@ -36,61 +37,9 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-class _SaveRollout(L.Callback):
-    """Saves each rank's sampled rollout and, at the end, the policy's weights."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = StepOutput.of(outputs)
-        assert step is not None
-        torch.save(step.rollout, self.directory / f"rollout{trainer.global_rank}.pt")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        assert isinstance(pl_module, TrustRegionModule)
-        torch.save(pl_module.policy.state_dict(),
-                   self.directory / f"policy{trainer.global_rank}.pt")
-
-
 def _callbacks(directory: Path) -> list[L.Callback]:
     return [DriftMonitor(), CollapseGuard(max_kl=100.0, action="warn"),
-            TrustRegionController("outside_frac", target_value=0.1), _SaveRollout(directory)]
-
-
-def _pad(tensor: torch.Tensor, width: int, left: bool, value: float = 0) -> torch.Tensor:
-    missing = width - tensor.shape[1]
-    pad = tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)
-    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
-
-
-def _concatenated(parts: list[Rollout]) -> Rollout:
-    """One sampled rollout from the ranks' rollouts: prompts re-padded on the left, completions
-    on the right (padding is masked out, and positions count only unmasked tokens)."""
-    prompt = max(p.prompt_ids.shape[1] for p in parts)
-    completion = max(p.completion_ids.shape[1] for p in parts)
-    return Rollout(
-        prompt_ids=torch.cat([_pad(p.prompt_ids, prompt, left=True) for p in parts]),
-        prompt_mask=torch.cat([_pad(p.prompt_mask, prompt, left=True) for p in parts]),
-        completion_ids=torch.cat([_pad(p.completion_ids, completion, left=False)
-                                  for p in parts]),
-        completion_mask=torch.cat([_pad(p.completion_mask, completion, left=False)
-                                   for p in parts]),
-        behavior_logp=torch.cat([_pad(p.behavior_logp, completion, left=False)
-                                 for p in parts]),
-        examples=[e for p in parts for e in p.examples],
-        completions=[c for p in parts for c in p.completions])
-
-
-class _Replay(TrustRegionModule):
-    """Samples nothing: returns the given rollout, as the behaviour model had sampled it."""
-
-    replay: Rollout
-
-    def sample(self, examples: Any) -> Rollout:
-        assert [e.prompt for e in examples] == [e.prompt for e in self.replay.examples[::2]]
-        return self.replay
+            TrustRegionController("outside_frac", target_value=0.1), SaveRun(directory)]
 
 
 def _trainer(directory: Path, **kwargs: Any) -> L.Trainer:
@@ -108,7 +57,8 @@ def test_two_ranks_log_the_values_of_one_process_on_the_concatenated_batch(
     _trainer(tmp_path, accelerator="cpu", strategy="ddp_spawn", devices=2).fit(module)
 
     rows = [torch.load(tmp_path / f"rows{rank}.pt") for rank in (0, 1)]
-    parts = [torch.load(tmp_path / f"rollout{rank}.pt", weights_only=False) for rank in (0, 1)]
+    parts = [torch.load(tmp_path / f"rollout{rank}_0.pt", weights_only=False)
+             for rank in (0, 1)]
     assert [len(p) for p in parts] == [4, 4]  # two whole groups of two per rank
     assert rows[0] == rows[1]  # every rank holds the global row
     ((step, distributed),) = rows[0]
@@ -117,13 +67,13 @@ def test_two_ranks_log_the_values_of_one_process_on_the_concatenated_batch(
     single_dir = tmp_path / "single"
     single_dir.mkdir()
     torch.manual_seed(0)
-    replay = _Replay(policy=f"config:{random_model_dir}", task=DigitRichArithmetic(),
+    replay = ReplayModule(policy=f"config:{random_model_dir}", task=DigitRichArithmetic(),
                      **SETTINGS)
     replay.policy.load_state_dict(initial)
     replay.behavior.load_state_dict(initial)
     assert replay.reference is not None
     replay.reference.load_state_dict(initial)
-    replay.replay = _concatenated(parts)
+    replay.replays = [concatenated(parts)]
     _trainer(single_dir).fit(replay)
     ((_, single),) = torch.load(single_dir / "rows0.pt")
 
@@ -132,7 +82,7 @@ def test_two_ranks_log_the_values_of_one_process_on_the_concatenated_batch(
                    "region/", "guard/", "controller/"):
         assert any(key.startswith(prefix) for key in single), prefix
     assert distributed == pytest.approx(single, rel=1e-5, abs=1e-6)
-    updated = torch.load(tmp_path / "policy0.pt")
+    updated = torch.load(tmp_path / "final0.pt")["policy"]
     for name, value in replay.policy.state_dict().items():
         torch.testing.assert_close(updated[name], value, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(updated[n], initial[n]) for n in initial)  # it did train
