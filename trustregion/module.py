@@ -452,15 +452,20 @@ class TrustRegionModule(L.LightningModule):
         parameters and buffers, not a quantised model's scales, and FSDP broadcasts nothing, so
         models whose weights differ between processes are refused here, before anything is
         sharded. Lightning may call this hook more than once (each ``fit``, ``validate``): a
-        policy that is sharded already is left as it is.
+        policy that is sharded already is left as it is; ``load_from_checkpoint``, outside any
+        run, calls it with no trainer, and nothing is done.
         """
-        if self.trainer.world_size <= 1 or is_sharded(self.policy):
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # load_from_checkpoint builds models outside any run
+            return
+        if trainer.world_size <= 1 or is_sharded(self.policy):
             return
         mesh = self.device_mesh
         group = mesh["data_parallel"].get_group() if mesh is not None else None
         differing = differing_models(
             {"policy": self.policy, "behavior": self.behavior, "reference": self.reference},
-            group, device=self.trainer.strategy.root_device)
+            group, device=trainer.strategy.root_device)
         require(not differing,
                 f"the processes built different {' and '.join(differing)} weights (a random "
                 "initialisation without a seed?); seed the run (seed_everything, or "
