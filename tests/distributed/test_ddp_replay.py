@@ -17,24 +17,12 @@ import lightning as L
 import pytest
 import torch
 from conftest import DigitRichArithmetic
-from parallel_run import SaveRun
+from parallel_run import SETTINGS, SaveRun
 from rank_replay import ReplayModule, concatenated
 from row_logger import RowLogger
 
-from trustregion.batching import BatchSettings
 from trustregion.callbacks import CollapseGuard, DriftMonitor, TrustRegionController
 from trustregion.module import TrustRegionModule
-from trustregion.penalties import EntropyBonus, ReferenceKL
-from trustregion.rollout import SamplingSettings
-
-SETTINGS: dict[str, Any] = {
-    # 4 prompts × 2 completions; one optimiser step of all 8 sequences, in micro-batches of 2
-    # sequences on each process (2 per rank on two ranks, 4 in one process).
-    "batching": BatchSettings(group_size=2, prompts_per_step=4, mini_batch_size=8,
-                              micro_batch_size=2),
-    "sampling": SamplingSettings(max_new_tokens=4),
-    "penalties": [ReferenceKL(beta=0.1), EntropyBonus(coef=0.01)],
-}
 
 
 def _callbacks(directory: Path) -> list[L.Callback]:
