@@ -1,4 +1,4 @@
-"""Model helpers: the character tokenizer and the tiny Llama shipped for CPU quick starts."""
+"""Model helpers: the character tokenizer and the tiny models shipped for CPU quick starts."""
 
 from trustregion.models.char_tokenizer import (
     ALPHABET,
@@ -10,7 +10,12 @@ from trustregion.models.char_tokenizer import (
     build_char_tokenizer,
     char_vocab,
 )
-from trustregion.models.tiny import TINY_MODEL_DIR, tiny_llama_config
+from trustregion.models.tiny import (
+    TINY_ARCHITECTURES,
+    TINY_MODEL_DIR,
+    TINY_MODELS,
+    tiny_llama_config,
+)
 
 __all__ = [
     "ALPHABET",
@@ -18,6 +23,8 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
+    "TINY_ARCHITECTURES",
+    "TINY_MODELS",
     "TINY_MODEL_DIR",
     "UNK_TOKEN",
     "build_char_tokenizer",

@@ -82,6 +82,7 @@ def tiny_config(
     }
     head_dim = hidden_size // num_attention_heads
     expert_size = max(1, intermediate_size // 4)
+    config_class: type[PretrainedConfig]
     kwargs: dict[str, Any]
     if architecture == "llama":
         config_class, kwargs = transformers.LlamaConfig, {

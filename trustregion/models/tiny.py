@@ -1,14 +1,15 @@
-"""The tiny character-level Llama the project ships, for quick starts and tests on a CPU.
+"""The tiny character-level models the project ships, for quick starts and tests on a CPU.
 
-The artefact in :data:`TINY_MODEL_DIR` is a small causal LM briefly fine-tuned (supervised) on
-the built-in tasks so that it starts with partial accuracy and leaves room for RL to improve it.
-``scripts/make_tiny_model.py`` rebuilds it. It loads with the usual Hugging Face classes::
+Each artefact in :data:`TINY_MODELS` is a small causal LM of one architecture, briefly fine-tuned
+(supervised) on the built-in tasks so that it starts with partial accuracy and leaves room for RL
+to improve it; ``scripts/make_tiny_model.py --arch ARCH`` rebuilds it, and the ``README.md`` next
+to the weights is its model card. Each loads with the usual Hugging Face classes::
 
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODELS["tiny-char-gpt2"])
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODELS["tiny-char-gpt2"])
 
-or as the model source ``"tiny-char-llama"`` (:func:`trustregion.models.loading.load_model`),
-which never touches the network.
+or by name as a model source (:func:`trustregion.models.loading.load_model`), which never
+touches the network.
 """
 
 from __future__ import annotations
@@ -26,10 +27,27 @@ from trustregion.models.char_tokenizer import (
 )
 from trustregion.validation import require
 
-__all__ = ["TINY_MODEL_DIR", "tiny_llama_config"]
+__all__ = ["ASSETS_DIR", "TINY_ARCHITECTURES", "TINY_MODELS", "TINY_MODEL_DIR",
+           "tiny_llama_config"]
 
-TINY_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-char-llama"
-"""Directory of the shipped model and tokenizer (``save_pretrained`` layout, safetensors)."""
+ASSETS_DIR: Path = Path(__file__).resolve().parent.parent / "assets"
+"""Directory holding one ``tiny-char-<name>`` directory per shipped model."""
+
+TINY_ARCHITECTURES: dict[str, str] = {
+    "tiny-char-llama": "llama",
+    "tiny-char-qwen3": "qwen3",
+    "tiny-char-gpt2": "gpt2",
+    "tiny-char-moe": "qwen3_moe",
+}
+"""Shipped model name -> its architecture (a key of
+:data:`trustregion.models.architectures.ARCHITECTURES`)."""
+
+TINY_MODELS: dict[str, Path] = {name: ASSETS_DIR / name for name in TINY_ARCHITECTURES}
+"""Shipped model name -> directory of its model and tokenizer (``save_pretrained`` layout,
+safetensors, model card in ``README.md``)."""
+
+TINY_MODEL_DIR: Path = TINY_MODELS["tiny-char-llama"]
+"""Directory of the shipped Llama, the default model of the examples."""
 
 
 def tiny_llama_config(
