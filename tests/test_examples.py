@@ -51,7 +51,7 @@ def test_example_config_instantiates(path: Path, tmp_path, monkeypatch) -> None:
     assert module.sampling == SamplingSettings(**config["model"].get("sampling", {}))
     assert module.precision == PrecisionSettings(**config["model"].get("precision", {}))
     assert "max_new_tokens" in config["model"]["sampling"]  # every example sets its horizon
-    for key in ("sync_every", "advantage_estimator", "aggregation"):
+    for key in ("sync_every", "advantage_estimator", "aggregation", "routing_replay"):
         if key in config["model"]:
             assert getattr(module, key) == config["model"][key], key
     _assert_parts_built(module, config["model"])

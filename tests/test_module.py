@@ -15,10 +15,10 @@ import torch
 from conftest import DigitRichArithmetic
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from step_keeper import KeepSteps
 from transformers import AutoTokenizer
 
 from trustregion.batching import BatchSettings
-from trustregion.interface import StepOutput
 from trustregion.module import TrustRegionModule
 from trustregion.optim import AdamW, LinearWarmup
 from trustregion.penalties import EntropyBonus, Penalty, PenaltyOutput, ReferenceKL
@@ -53,16 +53,6 @@ def _module(random_model_dir: Path, **overrides) -> TrustRegionModule:
     return TrustRegionModule(policy=f"config:{random_model_dir}", **{**SMALL, **overrides})
 
 
-class _Keep(L.Callback):
-    """Keeps the StepOutput of every rollout batch."""
-
-    def __init__(self) -> None:
-        self.steps: list[StepOutput] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = StepOutput.of(outputs)
-        assert step is not None
-        self.steps.append(step)
 
 
 def _fit(module: TrustRegionModule, steps: int, ckpt_path: str | None = None,
@@ -79,7 +69,7 @@ def _fit(module: TrustRegionModule, steps: int, ckpt_path: str | None = None,
 def test_logged_metric_keys(random_model_dir, tmp_path) -> None:
     module = _module(random_model_dir,
                      penalties=[ReferenceKL(beta=0.01), EntropyBonus(coef=0.001)])
-    keep = _Keep()
+    keep = KeepSteps()
     trainer = _fit(module, steps=4, logger=CSVLogger(tmp_path, name="run", version=0),
                    callbacks=[keep])
     expected = {
@@ -139,7 +129,7 @@ def test_old_logp_is_recomputed_only_for_old_anchors(random_model_dir, monkeypat
 def test_topk_strategy_gets_topk_data(random_model_dir) -> None:
     module = _module(random_model_dir,
                      trust_region=DivergenceMask(divergence="topk_kl", divergence_top_k=3))
-    keep = _Keep()
+    keep = KeepSteps()
     _fit(module, steps=1, callbacks=[keep])
     record = keep.steps[0].updates[0]
     assert record.batch.topk_logp is not None and record.batch.topk_logp.shape[-1] == 4
@@ -312,7 +302,7 @@ def test_kl_in_reward_shapes_rewards_instead_of_the_loss(random_model_dir) -> No
     module = _module(random_model_dir, penalties=[ReferenceKL(beta=0.5, in_reward=True)],
                      optimizer=_adamw(1e-2))
     assert module.reference is not None
-    keep = _Keep()
+    keep = KeepSteps()
     trainer = _fit(module, steps=4, callbacks=[keep])
     assert "penalty/ref_kl" not in trainer.callback_metrics  # no KL term in the loss
     step = keep.steps[-1]
@@ -452,7 +442,7 @@ def test_reference_is_built_iff_a_penalty_needs_it(random_model_dir, penalties, 
 
 
 def test_a_custom_penalty_is_added_to_the_loss_and_logs_its_metrics(random_model_dir) -> None:
-    plain, shifted = _Keep(), _Keep()
+    plain, shifted = KeepSteps(), KeepSteps()
     _fit(_module(random_model_dir), steps=2, callbacks=[plain])
     _fit(_module(random_model_dir, penalties=[ConstantPenalty(0.75)]), steps=2,
          callbacks=[shifted])
@@ -496,7 +486,7 @@ def test_behavior_topk_is_the_strategys_or_a_larger_request(random_model_dir) ->
     module.request_behavior_topk(3)
     module.request_behavior_topk(2)  # a smaller request never lowers it
     assert module.behavior_topk == 3
-    keep = _Keep()
+    keep = KeepSteps()
     _fit(module, steps=2, callbacks=[keep])
     record = keep.steps[0].updates[0]
     # K = 3 top ids plus the sampled id's slot

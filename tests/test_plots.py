@@ -16,6 +16,7 @@ from conftest import DigitRichArithmetic
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 from matplotlib.text import Text
+from step_keeper import KeepSteps
 
 from trustregion.batching import BatchSettings
 from trustregion.callbacks import DriftMonitor, DriftPlots, TrustRegionController
@@ -319,14 +320,6 @@ SMALL = {"batching": BatchSettings(group_size=4, prompts_per_step=2, mini_batch_
          "sampling": SamplingSettings(max_new_tokens=5)}
 
 
-class _Keep(L.Callback):
-    def __init__(self) -> None:
-        self.outputs: list[StepOutput] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = StepOutput.of(outputs)
-        assert step is not None
-        self.outputs.append(step)
 
 
 def _fit(random_model_dir: Path, steps: int, callbacks: list, **trainer) -> TrustRegionModule:
@@ -343,10 +336,10 @@ def _fit(random_model_dir: Path, steps: int, callbacks: list, **trainer) -> Trus
 def real_run(random_model_dir, tmp_path_factory) -> tuple[Path, list[StepOutput]]:
     """Three rollout batches (two optimiser steps each) with DriftPlots and a CSV logger."""
     root = tmp_path_factory.mktemp("real-run")
-    keep = _Keep()
+    keep = KeepSteps()
     _fit(random_model_dir, 6, [DriftPlots(), keep],
          logger=CSVLogger(root, name="csv", version=0))
-    return root, keep.outputs
+    return root, keep.steps
 
 
 def test_drift_plots_writes_charts_and_token_samples(real_run) -> None:

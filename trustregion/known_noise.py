@@ -8,8 +8,10 @@ What goes, and why each is harmless here:
   litmodels): advice, not information about the run.
 * PyTorch's ``FutureWarning`` that ``LeafSpec`` is deprecated: Lightning's own data-loader code
   builds one for every dataloader; nothing a user does can change it.
-* Lightning's warning that modules are in eval mode when training starts: the behaviour and
-  reference models are frozen copies that are meant to stay in eval mode.
+* Lightning's warning that modules are in eval mode when training starts: every model runs in
+  eval mode on purpose. The behaviour and reference models are frozen copies, and the policy
+  recomputes its log-probs without dropout so that they match the behaviour's (the module warns
+  once when the policy's config sets a dropout that this turns off).
 * Lightning's warning that a ``ModelCheckpoint`` under manual optimisation saves the state after
   the optimiser step: a rollout batch is saved once its updates are done, which is the state a
   resumed run continues from.

@@ -100,6 +100,7 @@ from trustregion.rollout import (
     prompt_lengths,
     seeded,
 )
+from trustregion.routing import check_routing_replay, replaying_routing
 from trustregion.sharding import (
     check_fsdp_layout,
     check_strategy,
@@ -116,15 +117,31 @@ from trustregion.stopping import unbounded_run_warning
 from trustregion.strategies import DRPO, StrategyOutput, TokenBatch, TrustRegionStrategy
 from trustregion.tasks import Arithmetic, Task
 from trustregion.tasks.jsonl import PromptLine
-from trustregion.validation import integer_at_least, number_in, require
+from trustregion.validation import boolean, integer_at_least, number_in, require
 
 __all__ = ["TrustRegionModule", "UpdateRecord"]
 
-# The behaviour and reference models are frozen in eval mode on purpose, and a checkpoint taken
-# after an RL iteration is meant to hold the updated weights: Lightning's generic warnings about
-# both would only mislead here.
+# Every model runs in eval mode on purpose (the behaviour and reference are frozen copies; the
+# policy recomputes its log-probs without dropout, like the behaviour that sampled), and a
+# checkpoint taken after an RL iteration is meant to hold the updated weights: Lightning's
+# generic warnings about both would only mislead here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+
+def configured_dropout(config: Any) -> dict[str, float]:
+    """The non-zero dropout probabilities of a model config (attributes named ``*dropout*`` or
+    ``*pdrop*``), leaving out those of heads a causal language model does not have (GPT-2's
+    ``summary_*`` and the ``classifier_*`` of sequence classifiers).
+
+    >>> from transformers import GPT2Config
+    >>> configured_dropout(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.2))
+    {'attn_pdrop': 0.2}
+    """
+    return {name: float(value) for name, value in sorted(config.to_dict().items())
+            if ("dropout" in name or "pdrop" in name)
+            and not name.startswith(("summary_", "classifier_"))
+            and isinstance(value, int | float) and not isinstance(value, bool) and value > 0}
+
 
 def _callable_spec(value: Any) -> Any:
     """A config form of an optimiser or scheduler callable for ``hparams.yaml``: a class as
@@ -188,6 +205,10 @@ class TrustRegionModule(L.LightningModule):
         seed: seeds prompts, sampling and mini-batch shuffling, step by step; None follows
             ``seed_everything`` (0 when nothing was seeded). The resolved seed is what
             ``hparams`` and checkpoints hold.
+        routing_replay: for a mixture-of-experts policy, record the behaviour's expert choices
+            during generation and replay them in the policy's forward passes (the reference
+            model is not replayed; :mod:`trustregion.routing`). Refused for a model without a
+            supported router.
     """
 
     def __init__(
@@ -210,6 +231,7 @@ class TrustRegionModule(L.LightningModule):
         chat_template: bool = False,
         pad_token: str | None = None,
         seed: int | None = None,
+        routing_replay: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -241,10 +263,23 @@ class TrustRegionModule(L.LightningModule):
                 raise ValueError(f"every penalty must be a trustregion.penalties.Penalty; got "
                                  f"{type(penalty).__name__}")
 
+        self.routing_replay = boolean("routing_replay", routing_replay)
         self.policy, self.tokenizer = load_model(policy)
+        if routing_replay:
+            check_routing_replay(self.policy)
         prepare_tokenizer(self.tokenizer, policy, pad_token=pad_token,
                           chat_template=chat_template)
-        self.policy.train()
+        # The policy's log-probs must be those of the distribution the behaviour sampled from:
+        # eval mode turns off dropout and router noise (GPT-2 ships with dropout 0.1), which
+        # would otherwise look like drift; gradients flow as usual.
+        self.policy.eval()
+        dropout = configured_dropout(self.policy.config)
+        if dropout:
+            listed = ", ".join(f"{name}={value:g}" for name, value in dropout.items())
+            rank_zero_warn(
+                f"the policy's config sets dropout ({listed}), but the policy trains with "
+                "dropout off (eval mode) so that its recomputed log-probs match the behaviour's; "
+                "set these to 0 in the model's config to silence this warning")
         self.precision = precision
         self.behavior: PreTrainedModel = low_precision_copy(
             self.policy, precision.behavior, compute=precision.compute,
@@ -630,7 +665,7 @@ class TrustRegionModule(L.LightningModule):
             return generate_rollout(
                 self.behavior, self.tokenizer, examples, group_size=self.batching.group_size,
                 sampling=self.sampling, topk=self.behavior_topk,
-                chat_template=self.chat_template)
+                chat_template=self.chat_template, record_routing=self.routing_replay)
 
     def _own_precision(self) -> Any:
         """A context in which the behaviour and reference models compute at their own
@@ -769,7 +804,8 @@ class TrustRegionModule(L.LightningModule):
 
     def _micro_step(self, micro: Rollout, counts: StepCounts
                     ) -> tuple[Tensor, UpdateRecord, dict[str, Tensor]]:
-        logits = completion_logits(self.policy, micro) / self.sampling.temperature
+        with self._replayed_routing(self.policy, micro):
+            logits = completion_logits(self.policy, micro) / self.sampling.temperature
         logp = token_logprobs(logits, micro.completion_ids)
         if any(p.needs_entropy_grad for p in self.penalties):
             entropy = token_entropy(logits)
@@ -811,9 +847,22 @@ class TrustRegionModule(L.LightningModule):
         parts = []
         for index in torch.arange(len(rollout), device=self.device).split(micro):
             part = rollout.select(index)
-            logits = completion_logits(model, part) / self.sampling.temperature
+            with self._replayed_routing(model, part):
+                logits = completion_logits(model, part) / self.sampling.temperature
             parts.append(token_logprobs(logits, part.completion_ids))
         return torch.cat(parts)
+
+    def _replayed_routing(self, model: PreTrainedModel,
+                          rollout: Rollout) -> contextlib.AbstractContextManager[None]:
+        """With ``routing_replay``, the policy (not the reference) replays ``rollout``'s
+        recorded expert choices inside the block."""
+        if not self.routing_replay or model is not self.policy:
+            return contextlib.nullcontext()
+        require(rollout.routing is not None,
+                "routing_replay needs rollouts with a routing record (generate_rollout(..., "
+                "record_routing=True))")
+        assert rollout.routing is not None
+        return replaying_routing(model, rollout.routing)
 
     def _after_optimizer_step(self) -> None:
         self.steps_since_sync += 1

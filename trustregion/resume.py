@@ -18,7 +18,8 @@ one you give:
 * **settings that may change take the new value**, and the run prints one block listing each
   change: :data:`CHANGEABLE_MODEL_SETTINGS` (sampling, the mini-/micro-batch sizes and PPO
   epochs, the optimiser's and scheduler's settings such as ``lr``, ``max_grad_norm``,
-  ``sync_every``, the evaluation settings) and everything outside ``model``: every trainer
+  ``sync_every``, the evaluation settings, ``routing_replay``: it keeps no state and takes
+  effect from the next rollout) and everything outside ``model``: every trainer
   setting (``max_steps``, precision, ...) but the number of processes (``trainer.devices`` ×
   ``trainer.num_nodes``, checked by
   :class:`~trustregion.callbacks.checkpoint.RolloutCheckpoint`), callbacks, loggers and
@@ -81,6 +82,7 @@ CHANGEABLE_MODEL_SETTINGS = (
     "max_grad_norm",
     "sync_every",
     "evaluation",
+    "routing_replay",
 )
 """The ``model.*`` settings (and everything below them) that may change on resume; every other
 ``model.*`` setting defines the run."""

@@ -11,7 +11,7 @@ with a real inference engine. The policy side always uses the same temperature a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -20,8 +20,9 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trustregion.functional.logprobs import gather_logprobs, token_logprobs
+from trustregion.routing import recording_routing
 from trustregion.tasks.base import Example
-from trustregion.validation import integer_at_least, number_in
+from trustregion.validation import integer_at_least, number_in, require
 
 __all__ = [
     "Rollout",
@@ -71,6 +72,9 @@ class Rollout:
     left-padded to ``[N, P]``. Top-K tensors are ``[N, T, K + 1]``: the behaviour policy's top-K
     ids in descending probability, with the sampled id blanked to −1 where it is among them, then
     the sampled id in the last slot (the layout ``TokenBatch.topk_slots`` reads).
+
+    ``routing`` is a mixture-of-experts behaviour's expert choices, ``[N, layers, P + T − 1,
+    top_k]`` (recorded with ``record_routing``; see :mod:`trustregion.routing`).
     """
 
     prompt_ids: Tensor
@@ -86,6 +90,7 @@ class Rollout:
     advantages: Tensor | None = None
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    routing: Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -232,12 +237,16 @@ def generate_rollout(
     sampling: SamplingSettings,
     topk: int = 0,
     chat_template: bool = False,
+    record_routing: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions per example with KV-cached ``generate``.
 
     Args:
         topk: also record the behaviour policy's top-``topk`` log-probs per position (for top-K
             divergences); 0 records none.
+        record_routing: also record a mixture-of-experts model's expert choices at every
+            position it processed (``Rollout.routing``, for routing replay); ``ValueError`` for a
+            model without a supported router.
     """
     prompts = [ex.prompt for ex in examples for _ in range(group_size)]
     repeated = [ex for ex in examples for _ in range(group_size)]
@@ -256,8 +265,17 @@ def generate_rollout(
         return_dict_in_generate=True,
         output_scores=True,
     )
-    out = generate_in_eval_mode(model, prompt_ids, prompt_mask, config)
+    with recording_routing(model, len(prompts)) if record_routing else nullcontext() as recorder:
+        out = generate_in_eval_mode(model, prompt_ids, prompt_mask, config)
     completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    routing = None
+    if recorder is not None:
+        routing = recorder.routing()
+        # the last sampled token is never fed back: prompt + all but one completion position
+        expected = prompt_ids.shape[1] + completion_ids.shape[1] - 1
+        require(routing.shape[2] == expected,
+                f"the routing record covers {routing.shape[2]} positions; expected {expected} "
+                "(one prefill over the prompts, then one position per decode step)")
     mask = completion_mask_from(completion_ids, eos_ids)
     behavior_logp = torch.stack(
         [token_logprobs(scores, completion_ids[:, t]) for t, scores in enumerate(out.scores)],
@@ -271,7 +289,7 @@ def generate_rollout(
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=mask, behavior_logp=behavior_logp, examples=repeated, completions=texts,
-        topk_ids=topk_ids, topk_behavior_logp=topk_logp,
+        topk_ids=topk_ids, topk_behavior_logp=topk_logp, routing=routing,
     )
 
 

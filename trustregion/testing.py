@@ -34,6 +34,18 @@ The checks, all by autograd in float64 unless said:
   (``.item()``, ``.tolist()``, ``bool()``, ``float()``, ``int()``, ``.numpy()``).
 * ``hparams`` — ``type(s)(**s.hparams())`` rebuilds an identical strategy (what the CLI does), and
   ``state_dict`` round-trips.
+
+Models get the same treatment: :func:`check_model` (from :mod:`trustregion.model_check`) runs a
+model source through rollout, update and checkpoint and checks that the behaviour log-probs
+equal the policy's recomputed ones, that padding and EOS are handled, that every trainable
+parameter gets a gradient and that a checkpoint restores identical log-probs::
+
+    from trustregion.testing import check_model
+    report = check_model("config:path/to/dir")   # raises AssertionError naming the failed check
+
+:func:`check_model`, :class:`ModelCheckReport` and :data:`MODEL_CHECKS` are imported from
+:mod:`trustregion.model_check` on first use, so that the strategy checks need neither Lightning
+nor transformers.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -51,10 +64,16 @@ from trustregion.functional.aggregation import AGGREGATION_MODES, aggregate, ste
 from trustregion.strategies.base import METRIC_PREFIX, SHARED_METRICS, TrustRegionStrategy
 from trustregion.strategies.batch import TokenBatch
 
+if TYPE_CHECKING:
+    from trustregion.model_check import MODEL_CHECKS, ModelCheckReport, check_model
+
 __all__ = [
     "CONFORMANCE_CHECKS",
+    "MODEL_CHECKS",
     "ConformanceReport",
+    "ModelCheckReport",
     "autograd_weight",
+    "check_model",
     "check_strategy",
     "forbid_host_sync",
     "probe_batch",
@@ -62,6 +81,17 @@ __all__ = [
 ]
 
 F64 = torch.float64
+
+_FROM_MODEL_CHECK = ("MODEL_CHECKS", "ModelCheckReport", "check_model")
+
+
+def __getattr__(name: str) -> Any:
+    """The model check's names, imported when first asked for (they load Lightning)."""
+    if name in _FROM_MODEL_CHECK:
+        from trustregion import model_check
+
+        return getattr(model_check, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SkipCheck(Exception):
