@@ -9,8 +9,10 @@ One job per module:
   (``token_samples.csv``, written by :class:`~trustregion.callbacks.DriftPlots`) and
   :func:`load_run_strategy` (the strategy named in ``hparams.yaml`` or ``config.yaml``, rebuilt
   with :mod:`trustregion.specs`);
+* :mod:`trustregion.plots.weight_curves` draws strategies' gradient weight against π, measured
+  from their own loss by autograd (:func:`weight_curves_figure`, :func:`save_weight_curves`);
 * :mod:`trustregion.plots.drawing` holds the style and the grid of panels over time the charts
-  share;
+  share, and :func:`figure_png` (a figure as PNG bytes, for a notebook or a web page);
 * :mod:`trustregion.plots.charts` and :mod:`trustregion.plots.monitors` draw, as pure functions
   over plain data: :func:`plot_reward`, :func:`plot_drift_panel`, :func:`plot_monitors` and
   :func:`plot_weight_vs_shift` each write one PNG and return its path, or None when the data
@@ -39,6 +41,7 @@ from trustregion.plots.charts import (
     weight_chart_title,
     weight_vs_shift_figure,
 )
+from trustregion.plots.drawing import figure_png
 from trustregion.plots.monitors import monitor_panels, monitors_figure, plot_monitors
 from trustregion.plots.render import render_run
 from trustregion.plots.runs import (
@@ -53,12 +56,20 @@ from trustregion.plots.runs import (
     version_history,
     write_token_samples,
 )
+from trustregion.plots.weight_curves import (
+    builtin_strategies,
+    save_weight_curves,
+    weight_curve,
+    weight_curves_figure,
+)
 
 __all__ = [
     "DRIFT_PANELS",
     "TOKEN_SAMPLE_COLUMNS",
+    "builtin_strategies",
     "drift_figure",
     "drift_panel_keys",
+    "figure_png",
     "find_metrics_csv",
     "inferred_reward_range",
     "join_versions",
@@ -76,9 +87,12 @@ __all__ = [
     "render_run",
     "reward_figure",
     "run_metrics_csvs",
+    "save_weight_curves",
     "strategy_label",
     "version_history",
     "weight_chart_title",
+    "weight_curve",
+    "weight_curves_figure",
     "weight_vs_shift_figure",
     "write_token_samples",
 ]
