@@ -19,7 +19,13 @@ from typing import Any
 import transformers
 from transformers import PretrainedConfig
 
-from trustregion.models.char_tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, char_vocab
+from trustregion.models.char_tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    char_vocab,
+)
 from trustregion.validation import require
 
 __all__ = ["ARCHITECTURES", "MOE_ARCHITECTURES", "tiny_config"]
@@ -62,6 +68,9 @@ def tiny_config(
     """
     require(architecture in ARCHITECTURES,
             f"unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}")
+    require(vocab_size >= len(SPECIAL_TOKENS),
+            f"vocab_size must hold at least the {len(SPECIAL_TOKENS)} special tokens; "
+            f"got {vocab_size}")
     require(hidden_size % num_attention_heads == 0,
             f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
             f"({num_attention_heads})")

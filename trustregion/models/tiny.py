@@ -18,14 +18,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
-from trustregion.models.char_tokenizer import (
-    BOS_TOKEN,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    SPECIAL_TOKENS,
-    char_vocab,
-)
-from trustregion.validation import require
+from trustregion.models.architectures import tiny_config
 
 __all__ = ["ASSETS_DIR", "TINY_ARCHITECTURES", "TINY_MODELS", "TINY_MODEL_DIR",
            "tiny_llama_config"]
@@ -59,28 +52,16 @@ def tiny_llama_config(
     intermediate_size: int = 256,
     max_position_embeddings: int = 64,
 ) -> LlamaConfig:
-    """A Llama configuration small enough to train and sample from on a laptop CPU.
+    """A Llama configuration small enough to train and sample from on a laptop CPU: the
+    ``llama`` family of :func:`trustregion.models.architectures.tiny_config`.
 
     Token ids of ``<pad>``, ``<bos>`` and ``<eos>`` follow :mod:`trustregion.models.char_tokenizer`;
     input and output embeddings are tied.
     """
-    require(vocab_size >= len(SPECIAL_TOKENS),
-            f"vocab_size must hold at least the {len(SPECIAL_TOKENS)} special tokens; "
-            f"got {vocab_size}")
-    require(hidden_size % num_attention_heads == 0,
-            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
-            f"({num_attention_heads})")
-    ids = char_vocab()
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=ids[PAD_TOKEN],
-        bos_token_id=ids[BOS_TOKEN],
-        eos_token_id=ids[EOS_TOKEN],
-    )
+    config = tiny_config("llama", vocab_size, hidden_size=hidden_size,
+                         num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=num_attention_heads,
+                         intermediate_size=intermediate_size,
+                         max_position_embeddings=max_position_embeddings)
+    assert isinstance(config, LlamaConfig)
+    return config
