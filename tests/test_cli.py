@@ -74,11 +74,13 @@ def test_print_config_shows_every_resolved_hyperparameter(tmp_path, random_model
                                             "ppo_epochs": 1, "mini_batch_size": 64,
                                             "micro_batch_size": None}
     assert printed["model"]["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                                            "max_new_tokens": 3}
+                                            "max_new_tokens": 3, "sampler": "lean",
+                                            "ignore_eos": False}
     assert printed["model"]["penalties"] is None
     assert printed["model"]["optimizer"] == {
         "class_path": "trustregion.optim.AdamW",
-        "init_args": {"lr": 0.0001, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.0}}
+        "init_args": {"lr": 0.0001, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.0,
+                     "fused": None}}
     assert printed["model"]["lr_scheduler"] == {"class_path": "trustregion.optim.LinearWarmup",
                                                 "init_args": {"warmup_steps": 0}}
 

@@ -463,7 +463,7 @@ def test_hparams_hold_every_part_in_its_config_form(random_model_dir) -> None:
     assert hparams["batching"] == {"group_size": 4, "prompts_per_step": 2, "ppo_epochs": 1,
                                    "mini_batch_size": 4, "micro_batch_size": 2}
     assert hparams["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                                   "max_new_tokens": 5}
+                                   "max_new_tokens": 5, "sampler": "lean", "ignore_eos": False}
     assert hparams["penalties"] == [
         {"class_path": "trustregion.penalties.ReferenceKL",
          "init_args": {"beta": 0.01, "estimator": "k3", "in_reward": False}},

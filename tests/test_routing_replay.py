@@ -272,10 +272,12 @@ def test_the_module_refuses_routing_replay_on_a_dense_policy(tmp_path) -> None:
 
 def test_a_short_fit_replays_the_behaviours_routing(tmp_path, monkeypatch) -> None:
     torch.manual_seed(0)
+    # the full forward (its shared-prefix twin is in test_prefix_sharing.py)
     module = TrustRegionModule(policy=_save(tmp_path, "qwen3_moe"), task=DigitRichArithmetic(),
                                trust_region=RatioClip(anchor="old"), batching=BATCHING,
                                precision=PrecisionSettings(behavior="bf16"),
-                               sampling=SamplingSettings(max_new_tokens=5), routing_replay=True)
+                               sampling=SamplingSettings(max_new_tokens=5), routing_replay=True,
+                               prefix_sharing=False)
     rows: list[int] = []
     own_differs: list[int] = []  # per forward: decisions where the policy's router disagrees
     used_differs: list[int] = []  # ... where the experts the forward used disagree
@@ -295,7 +297,7 @@ def test_a_short_fit_replays_the_behaviours_routing(tmp_path, monkeypatch) -> No
             chosen = recorder.routing()[:, :, :routing.shape[2]].long().sort(-1).values
             differs.append(int((chosen != recorded).any(-1).sum()))
 
-    monkeypatch.setattr("trustregion.module.replaying_routing", watching)
+    monkeypatch.setattr("trustregion.prefix_sharing.replaying_routing", watching)
     routers = moe_routers(module.policy)
     before = [r.weight.detach().clone() for r in routers]
     keep = KeepSteps()

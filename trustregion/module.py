@@ -61,7 +61,6 @@ from trustregion.functional.aggregation import (
     check_aggregation,
     step_counts,
 )
-from trustregion.functional.logprobs import gather_logprobs, token_entropy, token_logprobs
 from trustregion.interface import StepOutput, UpdateRecord
 from trustregion.metric_reduction import MetricAccumulator, Reduce, reduce_across_ranks
 from trustregion.models.loading import TINY, load_model, prepare_tokenizer
@@ -83,6 +82,7 @@ from trustregion.prediction import (
     PredictionSettings,
     prediction_batches,
 )
+from trustregion.prefix_sharing import PositionCount, PrefixSharing, TokenLogits, sharing_order
 from trustregion.prompt_checks import check_prompt_text, unknown_tokens
 from trustregion.resume import (
     ResumeRefused,
@@ -96,11 +96,12 @@ from trustregion.rollout import (
     RolloutStats,
     SamplingSettings,
     completion_logits,
+    encode_prompts,
     generate_rollout,
     prompt_lengths,
     seeded,
 )
-from trustregion.routing import check_routing_replay, replaying_routing
+from trustregion.routing import check_routing_replay
 from trustregion.sharding import (
     check_fsdp_layout,
     check_strategy,
@@ -209,6 +210,13 @@ class TrustRegionModule(L.LightningModule):
             during generation and replay them in the policy's forward passes (the reference
             model is not replayed; :mod:`trustregion.routing`). Refused for a model without a
             supported router.
+        prefix_sharing: compute the log-probs of the update, and the old and reference
+            log-probs, with each distinct prompt run once and no padding between sequences:
+            one packed forward per micro-batch with a tree attention mask
+            (:mod:`trustregion.packing`), or a shared key/value cache where the model's
+            attention takes no such mask (:mod:`trustregion.prefix_sharing`). The same values
+            as the full forward up to floating-point reordering; a model neither applies to
+            uses the full forward, and the log says so once. False: always the full forward.
     """
 
     def __init__(
@@ -232,6 +240,7 @@ class TrustRegionModule(L.LightningModule):
         pad_token: str | None = None,
         seed: int | None = None,
         routing_replay: bool = False,
+        prefix_sharing: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -264,6 +273,7 @@ class TrustRegionModule(L.LightningModule):
                                  f"{type(penalty).__name__}")
 
         self.routing_replay = boolean("routing_replay", routing_replay)
+        self.prefix_sharing = PrefixSharing(boolean("prefix_sharing", prefix_sharing))
         self.policy, self.tokenizer = load_model(policy)
         if routing_replay:
             check_routing_replay(self.policy)
@@ -648,24 +658,30 @@ class TrustRegionModule(L.LightningModule):
         """Sample and score ``batch``: this process's share of the prompts (the prompt stream
         holds only that share, whole prompts, so a group never spans processes)."""
         examples = list(batch.examples)
+        prompts = [ex.prompt for ex in examples]
+        # each prompt is tokenised once per rollout: the checks and the sampler share it
+        encoded = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template)
         if self.task.all_examples() is None:  # a dataset was checked whole in on_fit_start
-            self._check_prompts([ex.prompt for ex in examples],
-                                source=f"prompt batch {batch.index}")
+            self._check_prompts(prompts, source=f"prompt batch {batch.index}", encoded=encoded)
         seed = derive_seed(self.seed, 2 * batch.index)
         if self.trainer.world_size > 1:
             seed = derive_seed(seed, self.trainer.global_rank + 1)
         with seeded(seed, self.device):
-            rollout = self.sample(examples)
+            rollout = self.sample(examples, encoded=encoded)
         return self.score(rollout)
 
-    def sample(self, examples: Sequence[Any]) -> Rollout:
+    def sample(self, examples: Sequence[Any],
+               encoded: tuple[Tensor, Tensor] | None = None) -> Rollout:
         """``group_size`` completions per example from the behaviour model, at its own
-        precision (outside the trainer's autocast)."""
+        precision (outside the trainer's autocast); ``encoded`` is the examples' prompts
+        already encoded, one row per example (:func:`~trustregion.rollout.encode_prompts`),
+        or None to encode them here."""
         with self._own_precision():
             return generate_rollout(
                 self.behavior, self.tokenizer, examples, group_size=self.batching.group_size,
                 sampling=self.sampling, topk=self.behavior_topk,
-                chat_template=self.chat_template, record_routing=self.routing_replay)
+                chat_template=self.chat_template, record_routing=self.routing_replay,
+                encoded=encoded)
 
     def _own_precision(self) -> Any:
         """A context in which the behaviour and reference models compute at their own
@@ -709,9 +725,17 @@ class TrustRegionModule(L.LightningModule):
         records: list[UpdateRecord] = []
         token_metrics = MetricAccumulator()
         step_losses, grad_norms = [], []
+        # With prefix sharing, a mini-batch's rows are ordered by prompt and completion length
+        # before it is split, so that micro-batches share prompts and lengths; the loss is the
+        # same, since it is aggregated with the whole step's counts.
+        grouping = (sharing_order(rollout.prompt_ids, rollout.prompt_mask,
+                                  rollout.completion_mask).to(self.device)
+                    if self.prefix_sharing.enabled and micro_size < mini_size else None)
         for _ in range(self.batching.ppo_epochs):
             order = torch.randperm(len(rollout), generator=shuffle).to(self.device)
             for mini_index in order.split(mini_size):
+                if grouping is not None:
+                    mini_index = mini_index[grouping[mini_index].sort(stable=True).indices]
                 micro_batches = [rollout.select(i) for i in mini_index.split(micro_size)]
                 counts = self._global_counts([m.completion_mask for m in micro_batches])
                 step_loss = torch.zeros((), device=self.device)
@@ -804,18 +828,17 @@ class TrustRegionModule(L.LightningModule):
 
     def _micro_step(self, micro: Rollout, counts: StepCounts
                     ) -> tuple[Tensor, UpdateRecord, dict[str, Tensor]]:
-        with self._replayed_routing(self.policy, micro):
-            logits = completion_logits(self.policy, micro) / self.sampling.temperature
-        logp = token_logprobs(logits, micro.completion_ids)
+        logits = self._token_logits(self.policy, micro, count=True)
+        logp = logits.token_logprobs(micro.completion_ids)
         if any(p.needs_entropy_grad for p in self.penalties):
-            entropy = token_entropy(logits)
+            entropy = logits.entropy()
         else:
             with torch.no_grad():
-                entropy = token_entropy(logits.detach())
+                entropy = logits.detached().entropy()
         topk_logp = None
         if micro.topk_ids is not None:
             with torch.no_grad():
-                topk_logp = gather_logprobs(logits.detach(), micro.topk_ids)
+                topk_logp = logits.detached().gather(micro.topk_ids)
         assert micro.advantages is not None
         batch = TokenBatch(
             logp=logp, behavior_logp=micro.behavior_logp, advantages=micro.advantages,
@@ -847,22 +870,33 @@ class TrustRegionModule(L.LightningModule):
         parts = []
         for index in torch.arange(len(rollout), device=self.device).split(micro):
             part = rollout.select(index)
-            with self._replayed_routing(model, part):
-                logits = completion_logits(model, part) / self.sampling.temperature
-            parts.append(token_logprobs(logits, part.completion_ids))
+            parts.append(self._token_logits(model, part).token_logprobs(part.completion_ids))
         return torch.cat(parts)
 
-    def _replayed_routing(self, model: PreTrainedModel,
-                          rollout: Rollout) -> contextlib.AbstractContextManager[None]:
-        """With ``routing_replay``, the policy (not the reference) replays ``rollout``'s
-        recorded expert choices inside the block."""
-        if not self.routing_replay or model is not self.policy:
-            return contextlib.nullcontext()
-        require(rollout.routing is not None,
-                "routing_replay needs rollouts with a routing record (generate_rollout(..., "
-                "record_routing=True))")
-        assert rollout.routing is not None
-        return replaying_routing(model, rollout.routing)
+    def _token_logits(self, model: PreTrainedModel, rollout: Rollout, *,
+                      count: bool = False) -> TokenLogits:
+        """``model``'s logits predicting ``rollout``'s completion tokens at the sampling
+        temperature, through the shared-prefix forward where it applies
+        (:mod:`trustregion.prefix_sharing`); the policy replays the recorded routing with
+        ``routing_replay``. ``count``: add the forward passes' positions to
+        :attr:`update_positions`."""
+        routing = None
+        if self.routing_replay and model is self.policy:
+            require(rollout.routing is not None,
+                    "routing_replay needs rollouts with a routing record (generate_rollout(..., "
+                    "record_routing=True))")
+            routing = rollout.routing
+        return self.prefix_sharing.logits(
+            model, rollout, temperature=self.sampling.temperature, routing=routing, count=count,
+            full_forward=lambda m, r: completion_logits(m, r))
+
+    @property
+    def update_positions(self) -> PositionCount:
+        """Positions that the policy's forward passes with gradient (the update's micro-batches)
+        processed on this process since the module was built, and how many of them were
+        padding (``padding_fraction``): left-padding of prompts and completion positions after
+        a row's last token. Old and reference log-probs are not counted."""
+        return self.prefix_sharing.counted
 
     def _after_optimizer_step(self) -> None:
         self.steps_since_sync += 1
@@ -879,25 +913,46 @@ class TrustRegionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------- helpers
     def _check_prompts(self, prompts: list[str], *, source: str,
-                       max_new_tokens: int | None = None) -> None:
+                       max_new_tokens: int | None = None,
+                       encoded: tuple[Tensor, Tensor] | None = None) -> None:
         """Refuse empty prompts and prompts too long for the context; warn, once per run, of
         prompts holding text the tokenizer encodes as its unknown token
-        (:mod:`trustregion.prompt_checks`). ``source`` names the prompts in messages."""
+        (:mod:`trustregion.prompt_checks`). ``source`` names the prompts in messages;
+        ``encoded`` is the prompts as the rollout encodes them (one row each), used instead
+        of encoding them again."""
         check_prompt_text(prompts, source=source)
-        if not self._unknown_tokens_reported:
+        if not self._unknown_tokens_reported and self._may_hold_unknown_tokens(encoded):
             unknown = unknown_tokens(self.tokenizer, prompts)
             if unknown is not None:
                 rank_zero_warn(unknown.message(source, str(self.tokenizer.unk_token)))
                 self._unknown_tokens_reported = True
-        self._check_prompt_lengths(prompts, max_new_tokens or self.sampling.max_new_tokens)
+        lengths = None if encoded is None else encoded[1].sum(-1).tolist()
+        self._check_prompt_lengths(prompts, max_new_tokens or self.sampling.max_new_tokens,
+                                   lengths=lengths)
 
-    def _check_prompt_lengths(self, prompts: list[str], max_new_tokens: int) -> None:
+    def _may_hold_unknown_tokens(self, encoded: tuple[Tensor, Tensor] | None) -> bool:
+        """False when ``encoded`` prompts hold no unknown token, so the prompts need not be
+        encoded again to look for one; True without ``encoded``."""
+        if encoded is None:
+            return True
+        unk = self.tokenizer.unk_token_id
+        others = {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
+                  self.tokenizer.pad_token_id}
+        if unk is None or unk in others:
+            return False  # unknown_tokens reports nothing for such a tokenizer
+        ids, mask = encoded
+        return bool((ids[mask.bool()] == unk).any())
+
+    def _check_prompt_lengths(self, prompts: list[str], max_new_tokens: int, *,
+                              lengths: list[int] | None = None) -> None:
         """Refuse prompts that leave no room for ``max_new_tokens`` in the policy's context,
-        counting tokens as the rollout encodes them (chat template included)."""
+        counting tokens as the rollout encodes them (chat template included); ``lengths`` are
+        those counts when already known."""
         context = getattr(self.policy.config, "max_position_embeddings", None)
         if context is None or not prompts:
             return
-        lengths = prompt_lengths(self.tokenizer, prompts, chat_template=self.chat_template)
+        if lengths is None:
+            lengths = prompt_lengths(self.tokenizer, prompts, chat_template=self.chat_template)
         longest = max(range(len(prompts)), key=lengths.__getitem__)
         if lengths[longest] + max_new_tokens > context:
             template = " with the chat template" if self.chat_template else ""

@@ -19,7 +19,8 @@ one you give:
   change: :data:`CHANGEABLE_MODEL_SETTINGS` (sampling, the mini-/micro-batch sizes and PPO
   epochs, the optimiser's and scheduler's settings such as ``lr``, ``max_grad_norm``,
   ``sync_every``, the evaluation settings, ``routing_replay``: it keeps no state and takes
-  effect from the next rollout) and everything outside ``model``: every trainer
+  effect from the next rollout; ``prefix_sharing``: it changes only the order of floating-point
+  work) and everything outside ``model``: every trainer
   setting (``max_steps``, precision, ...) but the number of processes (``trainer.devices`` ×
   ``trainer.num_nodes``, checked by
   :class:`~trustregion.callbacks.checkpoint.RolloutCheckpoint`), callbacks, loggers and
@@ -83,6 +84,7 @@ CHANGEABLE_MODEL_SETTINGS = (
     "sync_every",
     "evaluation",
     "routing_replay",
+    "prefix_sharing",
 )
 """The ``model.*`` settings (and everything below them) that may change on resume; every other
 ``model.*`` setting defines the run."""

@@ -1,5 +1,15 @@
 """Rollouts: sample G completions per prompt from the behaviour model and record what it saw.
 
+Two samplers give the same rollouts (``SamplingSettings.sampler``):
+
+* ``lean`` (the default, :mod:`trustregion.sampler`): each distinct prompt is prefilled once and
+  its key/value cache repeated to the G completions of its group; the behaviour log-probs (and
+  top-K slots) are recorded step by step, so memory does not grow with completion length ×
+  vocabulary. A model it cannot drive is sampled with ``generate``, and the log says so once.
+* ``generate``: Hugging Face ``generate`` over the prompts repeated G times, asking for every
+  step's processed scores (``output_scores``, an ``[N, T, V]`` tensor) and reading the log-probs
+  from them.
+
 The behaviour log-prob of each sampled token is taken from the distribution the token was
 **actually sampled from**: the logits after temperature and after top-k / top-p truncation
 (Hugging Face's processed generation scores), renormalised. With truncation this is larger than
@@ -13,16 +23,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from trustregion.functional.logprobs import gather_logprobs, token_logprobs
-from trustregion.routing import recording_routing
+from trustregion.functional.logprobs import token_logprobs
+from trustregion.routing import RoutingRecorder, recording_routing
+from trustregion.sampler import (
+    behavior_topk_slots,
+    lean_sample,
+    lean_sampler_support,
+    note_fallback,
+)
 from trustregion.tasks.base import Example
-from trustregion.validation import integer_at_least, number_in, require
+from trustregion.validation import boolean, integer_at_least, number_in, one_of, require
 
 __all__ = [
     "Rollout",
@@ -50,18 +66,29 @@ class SamplingSettings:
         top_k: keep the k most likely tokens; 0 turns it off.
         max_new_tokens: completion length limit, also the fixed horizon of
             ``seq-mean-token-sum-norm`` aggregation.
+        sampler: ``"lean"`` prefills each prompt once per group and records the behaviour
+            log-probs step by step (:mod:`trustregion.sampler`); ``"generate"`` uses Hugging
+            Face ``generate`` with ``output_scores``. Both give the same rollouts; ``lean`` is
+            faster and its memory does not grow with completion length × vocabulary.
+        ignore_eos: sample exactly ``max_new_tokens`` tokens per completion, the
+            end-of-sequence token counting as an ordinary one (every completion token is
+            counted), as inference engines' ``ignore_eos`` does; for benchmarks.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
+    sampler: Literal["lean", "generate"] = "lean"
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         number_in("temperature", self.temperature, 0.0)
         number_in("top_p", self.top_p, 0.0, 1.0, note="1 turns it off")
         integer_at_least("top_k", self.top_k, 0, note="0 turns it off")
         integer_at_least("max_new_tokens", self.max_new_tokens, 1)
+        one_of("sampler", self.sampler, ("lean", "generate"))
+        boolean("ignore_eos", self.ignore_eos)
 
 
 @dataclass
@@ -238,8 +265,10 @@ def generate_rollout(
     topk: int = 0,
     chat_template: bool = False,
     record_routing: bool = False,
+    encoded: tuple[Tensor, Tensor] | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions per example with KV-cached ``generate``.
+    """Sample ``group_size`` completions per example with the sampler ``sampling.sampler``
+    names (see the module's description); the rows of a group are adjacent.
 
     Args:
         topk: also record the behaviour policy's top-``topk`` log-probs per position (for top-K
@@ -247,12 +276,19 @@ def generate_rollout(
         record_routing: also record a mixture-of-experts model's expert choices at every
             position it processed (``Rollout.routing``, for routing replay); ``ValueError`` for a
             model without a supported router.
+        encoded: the examples' prompts already encoded, ``(ids, mask)`` with one left-padded row
+            per example (as :func:`encode_prompts` returns them); None encodes them here.
     """
-    prompts = [ex.prompt for ex in examples for _ in range(group_size)]
-    repeated = [ex for ex in examples for _ in range(group_size)]
+    if encoded is None:
+        encoded = encode_prompts(tokenizer, [ex.prompt for ex in examples],
+                                 chat_template=chat_template)
+    ids, mask = encoded
+    require(ids.dim() == 2 and tuple(mask.shape) == tuple(ids.shape)
+            and ids.shape[0] == len(examples),
+            f"encoded must be (ids, mask) of shape [examples, prompt length] with one row per "
+            f"example ({len(examples)}); got shapes {tuple(ids.shape)} and {tuple(mask.shape)}")
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, chat_template=chat_template)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    ids, mask = ids.to(device), mask.to(device).bool()
     eos_ids = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=True,
@@ -261,13 +297,29 @@ def generate_rollout(
         top_k=sampling.top_k,
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids,
+        eos_token_id=[] if sampling.ignore_eos else eos_ids,
         return_dict_in_generate=True,
         output_scores=True,
     )
-    with recording_routing(model, len(prompts)) if record_routing else nullcontext() as recorder:
-        out = generate_in_eval_mode(model, prompt_ids, prompt_mask, config)
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    lean = sampling.sampler == "lean"
+    if lean:
+        reason = lean_sampler_support(model, config)
+        if reason is not None:
+            note_fallback(reason)
+            lean = False
+    prompt_ids = ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = mask.repeat_interleave(group_size, dim=0)
+    # the lean sampler's prefill runs each prompt once; the recorder then expands its rows
+    recording = recording_routing(model, len(ids) if lean else len(prompt_ids)) \
+        if record_routing else nullcontext()
+    with recording as recorder:
+        if lean:
+            completion_ids, behavior_logp, topk_ids, topk_logp = _lean_rollout(
+                model, ids, mask, group_size, sampling, eos_ids, _pad_id(tokenizer, eos_ids),
+                topk, recorder)
+        else:
+            completion_ids, behavior_logp, topk_ids, topk_logp = _generate_rollout(
+                model, prompt_ids, prompt_mask, config, topk)
     routing = None
     if recorder is not None:
         routing = recorder.routing()
@@ -276,35 +328,60 @@ def generate_rollout(
         require(routing.shape[2] == expected,
                 f"the routing record covers {routing.shape[2]} positions; expected {expected} "
                 "(one prefill over the prompts, then one position per decode step)")
-    mask = completion_mask_from(completion_ids, eos_ids)
-    behavior_logp = torch.stack(
-        [token_logprobs(scores, completion_ids[:, t]) for t, scores in enumerate(out.scores)],
-        dim=1,
-    )
-    behavior_logp = torch.where(mask, behavior_logp, torch.zeros_like(behavior_logp))
-    topk_ids = topk_logp = None
-    if topk > 0:
-        topk_ids, topk_logp = _behavior_topk(out.scores, completion_ids, topk)
-    texts = decode_completions(tokenizer, completion_ids, mask)
+    if sampling.ignore_eos:
+        completion_mask = torch.ones_like(completion_ids, dtype=torch.bool)
+    else:
+        completion_mask = completion_mask_from(completion_ids, eos_ids)
+    behavior_logp = torch.where(completion_mask, behavior_logp, torch.zeros_like(behavior_logp))
+    texts = decode_completions(tokenizer, completion_ids, completion_mask)
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=mask, behavior_logp=behavior_logp, examples=repeated, completions=texts,
+        completion_mask=completion_mask, behavior_logp=behavior_logp,
+        examples=[ex for ex in examples for _ in range(group_size)], completions=texts,
         topk_ids=topk_ids, topk_behavior_logp=topk_logp, routing=routing,
     )
 
 
+_Sampled = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int:
+    # generate's choice too: the pad token, else the first end-of-sequence token
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    require(bool(eos_ids), "the tokenizer has neither a pad nor an end-of-sequence token; set "
+            "one (pad_token) so that ended completions can be padded")
+    return eos_ids[0]
+
+
+def _lean_rollout(model: PreTrainedModel, ids: Tensor, mask: Tensor, group_size: int,
+                  sampling: SamplingSettings, eos_ids: list[int], pad_token_id: int, topk: int,
+                  recorder: RoutingRecorder | None) -> _Sampled:
+    out = lean_sample(
+        model, ids, mask, group_size=group_size, max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        eos_ids=eos_ids, pad_token_id=pad_token_id, ignore_eos=sampling.ignore_eos, topk=topk,
+        after_prefill=recorder.expand if recorder is not None else None)
+    return out.completion_ids, out.behavior_logp, out.topk_ids, out.topk_logp
+
+
+def _generate_rollout(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor,
+                      config: GenerationConfig, topk: int) -> _Sampled:
+    out = generate_in_eval_mode(model, prompt_ids, prompt_mask, config)
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    behavior_logp = torch.stack(
+        [token_logprobs(scores, completion_ids[:, t]) for t, scores in enumerate(out.scores)],
+        dim=1,
+    )
+    topk_ids = topk_logp = None
+    if topk > 0:
+        topk_ids, topk_logp = _behavior_topk(out.scores, completion_ids, topk)
+    return completion_ids, behavior_logp, topk_ids, topk_logp
+
+
 def _behavior_topk(scores: Sequence[Tensor], sampled: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    ids, logps = [], []
-    for t, step_scores in enumerate(scores):
-        k_eff = min(k, step_scores.shape[-1])
-        top = step_scores.topk(k_eff, dim=-1).indices
-        token = sampled[:, t:t + 1]
-        # The sampled id always takes the last slot; a tracked slot holding it is blanked, so any
-        # prefix of the tracked slots plus the last one is a smaller top-K record.
-        step_ids = torch.cat([torch.where(top == token, -1, top), token], dim=-1)
-        ids.append(step_ids)
-        logps.append(gather_logprobs(step_scores, step_ids))
-    return torch.stack(ids, dim=1), torch.stack(logps, dim=1)
+    slots = [behavior_topk_slots(step, sampled[:, t], k) for t, step in enumerate(scores)]
+    return torch.stack([ids for ids, _ in slots], dim=1), torch.stack([lp for _, lp in slots], 1)
 
 
 def completion_logits(model: PreTrainedModel, rollout: Rollout) -> Tensor:

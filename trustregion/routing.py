@@ -128,6 +128,15 @@ class RoutingRecorder:
                                      .to(self.dtype))
         return record
 
+    def expand(self, repeats: int) -> None:
+        """Repeat each row of what was recorded so far ``repeats`` times, adjacent
+        (``repeat_interleave``), and expect ``rows × repeats`` rows from the next forward pass
+        on: a sampler that prefills each prompt once and then samples its group calls this
+        between the prefill and the first decode step."""
+        self.calls = [[call.repeat_interleave(repeats, dim=0) for call in calls]
+                      for calls in self.calls]
+        self.rows *= repeats
+
     def routing(self) -> Tensor:
         """``[rows, layers, positions, top_k]``: every recorded position, in call order."""
         require(all(self.calls), "no forward pass was recorded")
@@ -138,7 +147,7 @@ class RoutingRecorder:
 def recording_routing(model: nn.Module, rows: int) -> Iterator[RoutingRecorder]:
     """Record the expert indices of every forward pass of ``model`` over ``rows`` sequences
     inside the block (a prefill over the prompts and each decode step of ``generate`` append
-    their positions)."""
+    their positions; :meth:`RoutingRecorder.expand` repeats the rows recorded so far)."""
     routers = check_routing_replay(model)
     recorder = RoutingRecorder(routers, rows, routing_dtype(model))
     handles = [r.register_forward_hook(recorder.hook(i)) for i, r in enumerate(routers)]

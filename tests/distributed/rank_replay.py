@@ -46,7 +46,7 @@ class ReplayModule(TrustRegionModule):
 
     replays: list[Rollout]
 
-    def sample(self, examples: Sequence[Any]) -> Rollout:
+    def sample(self, examples: Sequence[Any], encoded: Any = None) -> Rollout:
         replay = self.replays.pop(0)
         group = self.batching.group_size
         assert [e.prompt for e in examples] == [e.prompt for e in replay.examples[::group]]
