@@ -630,3 +630,26 @@ def test_a_pickled_copy_decides_again_for_its_own_models() -> None:
     copy = pickle.loads(pickle.dumps(sharing))
     assert copy.row_tokens == 16 and copy.counted == sharing.counted
     assert copy.method(pickle.loads(pickle.dumps(model))) == "packed"
+
+
+def test_a_micro_batch_with_long_units_runs_the_shared_cache_forward() -> None:
+    # the hand rollout's longest unit takes 7 + (5 + 0 + 3 + 5) = 20 positions: above a limit
+    # of 19 it runs the shared-cache forward (the packed one stays checked and chosen)
+    model = _model("llama")
+    rollout = _hand_rollout()
+    sharing = PrefixSharing(max_unit_tokens=19)
+    assert sharing.method(model) == "packed"
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        sharing.logits(model, rollout, count=True)  # first use also checks the cache path
+        calls.clear()
+        got = sharing.logits(model, rollout).token_logprobs(rollout.completion_ids)
+    finally:
+        hook.remove()
+    # 3 prompt forwards (lengths 7, 5, 3) and 5 completion buckets (see the every-family test)
+    assert len(calls) == 8
+    assert sharing.counted == PositionCount(positions=53, padding=1)
+    mask = rollout.completion_mask
+    assert float((got - _full_logp(model, rollout))[mask].abs().max().detach()) <= 1e-5
+    assert PrefixSharing(max_unit_tokens=20).logits(model, rollout).pieces[0].columns is not None

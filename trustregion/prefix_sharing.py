@@ -100,6 +100,9 @@ moves logits by tens of per cent of their scale, far above every tolerance."""
 
 FullForward = Callable[[PreTrainedModel, Rollout], Tensor]
 
+DEFAULT_MAX_UNIT_TOKENS = 128
+"""Default ``PrefixSharing(max_unit_tokens=...)``."""
+
 PACKED_METHODS = {"packed": "boolean", "packed_additive": "additive"}
 """The packed forward's methods, tried in this order, and the mask each hands the model."""
 
@@ -487,6 +490,10 @@ class PrefixSharing:
             forward, in [0, 1).
         row_tokens: the packed forward's smallest row (:data:`~trustregion.packing.
             DEFAULT_ROW_TOKENS`).
+        max_unit_tokens: a micro-batch in which a prompt with its rows' completion tokens
+            takes more positions than this runs the shared-cache forward where it applies:
+            attention over a packed row costs its length squared, while the shared-cache
+            forward attends each completion only to its own sequence (long completions).
 
     The packed forward makes one forward call per micro-batch. With a policy sharded by FSDP
     every process must make the same forward calls, so there the shared-cache forward (a
@@ -499,13 +506,17 @@ class PrefixSharing:
     """
 
     def __init__(self, enabled: bool = True, *, max_padding: float = 0.05,
-                 row_tokens: int = DEFAULT_ROW_TOKENS) -> None:
+                 row_tokens: int = DEFAULT_ROW_TOKENS,
+                 max_unit_tokens: int = DEFAULT_MAX_UNIT_TOKENS) -> None:
         self.enabled = boolean("enabled", enabled)
         self.max_padding = number_in("max_padding", max_padding, 0.0, 1.0, low_inclusive=True,
                                      high_inclusive=False)
         self.row_tokens = integer_at_least("row_tokens", row_tokens, 1)
+        self.max_unit_tokens = integer_at_least("max_unit_tokens", max_unit_tokens, 1)
         self.counted = PositionCount()
         self._verdicts: weakref.WeakKeyDictionary[nn.Module, str | None] = \
+            weakref.WeakKeyDictionary()
+        self._cache_verdicts: weakref.WeakKeyDictionary[nn.Module, bool] = \
             weakref.WeakKeyDictionary()
         self._noted: set[str] = set()
 
@@ -513,12 +524,13 @@ class PrefixSharing:
         # the per-model decisions are keyed by live models: a copy in another process decides
         # again for its own models
         state = dict(self.__dict__)
-        state["_verdicts"] = None
+        state["_verdicts"] = state["_cache_verdicts"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._verdicts = weakref.WeakKeyDictionary()
+        self._cache_verdicts = weakref.WeakKeyDictionary()
 
     def method(self, model: PreTrainedModel, *, full_forward: FullForward = completion_logits,
                device: torch.device | None = None) -> str | None:
@@ -562,6 +574,9 @@ class PrefixSharing:
                 real = int(rollout.prompt_mask.sum()) + int(rollout.completion_mask.sum())
                 self.counted = self.counted + PositionCount(processed, processed - real)
             return TokenLogits.full(logits, rollout.completion_mask.bool())
+        if method in PACKED_METHODS and not sharded and self._units_too_long(rollout) \
+                and self._cache_applies(model, device, full_forward):
+            method = "cache"
         if method in PACKED_METHODS:
             shared, positions = self._packed(model, rollout, routing,
                                              PACKED_METHODS[method])
@@ -572,6 +587,26 @@ class PrefixSharing:
         if count:
             self.counted = self.counted + positions
         return shared.scaled(temperature)
+
+    def _units_too_long(self, rollout: Rollout) -> bool:
+        """Whether some prompt with its rows' completion tokens (a packed unit) is longer than
+        ``max_unit_tokens``: attention over a packed row costs its length squared, while the
+        shared-cache forward attends each completion only to its own sequence."""
+        _, inverse = distinct_prompts(rollout.prompt_ids, rollout.prompt_mask)
+        fed = (rollout.completion_mask.long().sum(-1) - 1).clamp(min=0)
+        units = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=fed.device)
+        prompts = units.scatter_reduce(0, inverse, rollout.prompt_mask.long().sum(-1),
+                                       reduce="amax")
+        longest = (prompts + units.scatter_add(0, inverse, fed)).max()
+        return bool(longest > self.max_unit_tokens)
+
+    def _cache_applies(self, model: PreTrainedModel, device: torch.device,
+                       full_forward: FullForward) -> bool:
+        if model not in self._cache_verdicts:
+            reason = unsupported_reason(model) or self._probe(model, False, device,
+                                                              full_forward, packed=None)
+            self._cache_verdicts[model] = reason is None
+        return self._cache_verdicts[model]
 
     def _packed(self, model: PreTrainedModel, rollout: Rollout, routing: Tensor | None,
                 mask_kind: str) -> tuple[TokenLogits, PositionCount]:
